@@ -1,0 +1,52 @@
+"""SparseK attention for llama.cpp: a pinned, patched llama.cpp with a Python API and CLI."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from llama_sparsek.llama import Llama
+from llama_sparsek.sampling import Sampling
+from llama_sparsek.sparsek import SparseK, recommended
+
+__all__ = ["Llama", "Sampling", "SparseK", "generate", "recommended"]
+__version__ = "0.1.0"
+
+
+def generate(
+    prompt: str,
+    model: str | os.PathLike[str] | None = None,
+    *,
+    max_tokens: int = 128,
+    sparsek: SparseK | None = None,
+    dense: bool = False,
+    temperature: float = 0.0,
+    top_k: int = 40,
+    top_p: float = 0.95,
+    min_p: float = 0.05,
+    seed: int | None = None,
+    stop: Sequence[str] = (),
+    **llama_options: Any,
+) -> str:
+    """Complete `prompt` with a model (default: the registry's default, pulled on first use).
+
+    SparseK is on with the recommended settings unless `sparsek` gives others or `dense` is set.
+    `llama_options` go to `Llama` (n_ctx, n_threads, flash_attn, kv_overrides, ...).
+    """
+    from llama_sparsek import models
+
+    if dense and sparsek is not None:
+        raise ValueError("pass either sparsek or dense=True, not both")
+    path = models.resolve(model)
+    settings = None if dense else (sparsek or recommended())
+    with Llama(path, sparsek=settings, seed=seed, **llama_options) as llm:
+        return llm.generate(
+            prompt,
+            max_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            min_p=min_p,
+            stop=stop,
+        )

@@ -1,0 +1,3 @@
+from llama_sparsek.cli import main
+
+main()

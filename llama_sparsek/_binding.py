@@ -1,0 +1,103 @@
+"""The loaded libllama: the cffi module, one-time backend set-up, logging and error checks."""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+from typing import Any
+
+try:
+    from llama_sparsek._llama_cffi import ffi as ffi
+    from llama_sparsek._llama_cffi import lib as lib
+except ImportError as e:  # a source checkout without a build
+    raise ImportError(
+        "llama_sparsek's native module is missing: install the package with `pip install .`"
+    ) from e
+
+log = logging.getLogger("llama_sparsek.llama_cpp")
+
+# The patch series this Python code was written for (patch 0001 defines the function).
+EXPECTED_SPARSEK_VERSION = "sparsek-1"
+
+_LEVELS = {
+    lib.GGML_LOG_LEVEL_DEBUG: logging.DEBUG,
+    lib.GGML_LOG_LEVEL_INFO: logging.INFO,
+    lib.GGML_LOG_LEVEL_WARN: logging.WARNING,
+    lib.GGML_LOG_LEVEL_ERROR: logging.ERROR,
+}
+
+
+class LlamaError(RuntimeError):
+    """llama.cpp refused an operation; the message carries its own reason where it gave one."""
+
+
+class _LogState:
+    """Reassembles llama.cpp's log pieces into lines; keeps recent errors for exceptions."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.pending = ""
+        self.level = logging.INFO
+        self.errors: collections.deque[str] = collections.deque(maxlen=8)
+
+    def feed(self, level: int, text: str) -> None:
+        with self.lock:
+            if level != lib.GGML_LOG_LEVEL_CONT:
+                self.level = _LEVELS.get(level, logging.DEBUG)
+            self.pending += text
+            while "\n" in self.pending:
+                line, self.pending = self.pending.split("\n", 1)
+                if self.level >= logging.WARNING:
+                    self.errors.append(line.strip())
+                log.log(self.level, "%s", line)
+
+    def take_errors(self) -> str:
+        with self.lock:
+            msgs = [m for m in self.errors if m]
+            self.errors.clear()
+        return "; ".join(msgs)
+
+
+_log_state = _LogState()
+
+
+@ffi.def_extern()  # type: ignore[untyped-decorator]
+def _llama_sparsek_log(level: int, text: Any, _user_data: Any) -> None:
+    _log_state.feed(level, ffi.string(text).decode("utf-8", errors="replace"))
+
+
+def clear_errors() -> None:
+    """Forget earlier log errors so the next exception reports only its own."""
+    _log_state.take_errors()
+
+
+def fail(what: str) -> LlamaError:
+    """An exception for a failed call, with llama.cpp's logged reason when there is one."""
+    reason = _log_state.take_errors()
+    return LlamaError(f"{what}: {reason}" if reason else what)
+
+
+_initialised = False
+_init_lock = threading.Lock()
+
+
+def init() -> None:
+    """Route llama.cpp's log to Python logging and initialise the backends, once."""
+    global _initialised
+    with _init_lock:
+        if _initialised:
+            return
+        lib.llama_log_set(lib._llama_sparsek_log, ffi.NULL)
+        version = ffi.string(lib.llama_sparsek_version()).decode()
+        if version != EXPECTED_SPARSEK_VERSION:
+            raise ImportError(
+                f"libllama carries patch series {version!r}, expected {EXPECTED_SPARSEK_VERSION!r}"
+            )
+        lib.llama_backend_init()
+        _initialised = True
+
+
+def c_string(value: Any) -> str:
+    """A NUL-terminated C string as str (invalid UTF-8 replaced)."""
+    return "" if value == ffi.NULL else ffi.string(value).decode("utf-8", errors="replace")

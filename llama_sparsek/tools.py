@@ -1,0 +1,28 @@
+"""The upstream programs bundled with the package (test-backend-ops, llama-perplexity, ...)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+BIN_DIR = PACKAGE_DIR / "_bin"
+TOOLS = ("test-backend-ops", "llama-perplexity", "llama-bench", "llama-completion")
+
+
+def tool_path(name: str) -> Path:
+    """The bundled binary `name`; FileNotFoundError when this install lacks it."""
+    if name not in TOOLS:
+        raise ValueError(f"unknown tool {name!r}; bundled: {', '.join(TOOLS)}")
+    path = BIN_DIR / name
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: reinstall llama-sparsek with `pip install .`")
+    return path
+
+
+def build_info() -> dict[str, Any]:
+    """What the build recorded: pinned commit, applied patches, build flags."""
+    info: dict[str, Any] = json.loads((PACKAGE_DIR / "build_info.json").read_text())
+    info["patches"] = [p for p in info.get("patches", []) if p]
+    return info

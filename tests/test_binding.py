@@ -1,0 +1,274 @@
+"""The cffi binding and the Llama API on a tiny random-weight model."""
+
+from __future__ import annotations
+
+import gc
+import logging
+import resource
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from llama_sparsek import Llama, SparseK
+from llama_sparsek import _ffi_build as ffi_build
+from llama_sparsek._binding import LlamaError
+
+ROOT = Path(__file__).resolve().parent.parent
+VENDOR = ROOT / "vendor" / "llama.cpp"
+
+
+# ---------------------------------------------------------------- declarations vs llama.h
+
+
+def _compile_checks(tmp_path: Path, functions: str) -> subprocess.CompletedProcess[str]:
+    """Compile the signature checks of `functions` against the vendored headers."""
+    saved = ffi_build.FUNCTIONS
+    ffi_build.FUNCTIONS = functions
+    try:
+        source = '#include "llama.h"\n#include "ggml-backend.h"\n' + ffi_build.signature_checks()
+    finally:
+        ffi_build.FUNCTIONS = saved
+    c_file = tmp_path / "check.c"
+    c_file.write_text(source + "\n")
+    cc = shutil.which("cc") or shutil.which("gcc")
+    assert cc is not None
+    cmd = [
+        cc,
+        "-fsyntax-only",
+        f"-I{VENDOR / 'include'}",
+        f"-I{VENDOR / 'ggml' / 'include'}",
+        str(c_file),
+    ]
+    return subprocess.run(cmd, text=True, capture_output=True)
+
+
+@pytest.mark.skipif(not (VENDOR / "include" / "llama.h").exists(), reason="no vendored tree")
+def test_declarations_match_vendored_header(tmp_path: Path) -> None:
+    proc = _compile_checks(tmp_path, ffi_build.FUNCTIONS)
+    assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.skipif(not (VENDOR / "include" / "llama.h").exists(), reason="no vendored tree")
+@pytest.mark.parametrize(
+    ("original", "drifted"),
+    [
+        (
+            "int32_t llama_decode(struct llama_context * ctx, struct llama_batch batch);",
+            "int64_t llama_decode(struct llama_context * ctx, struct llama_batch batch);",
+        ),
+        (
+            "struct llama_sampler * llama_sampler_init_top_k(int32_t k);",
+            "struct llama_sampler * llama_sampler_init_top_k(int64_t k);",
+        ),
+        (
+            "void llama_memory_clear(llama_memory_t mem, bool data);",
+            "void llama_memory_clear(llama_memory_t mem);",
+        ),
+    ],
+)
+def test_signature_drift_fails_the_build(tmp_path: Path, original: str, drifted: str) -> None:
+    assert original in ffi_build.FUNCTIONS
+    proc = _compile_checks(tmp_path, ffi_build.FUNCTIONS.replace(original, drifted))
+    assert proc.returncode != 0
+    assert "declaration differs from llama.h" in proc.stderr or "error" in proc.stderr
+
+
+def test_every_declared_function_is_exported() -> None:
+    from llama_sparsek._binding import lib
+
+    for name in ffi_build.function_names():
+        assert callable(getattr(lib, name)), name
+
+
+# ---------------------------------------------------------------- the tiny model
+
+
+@pytest.fixture(scope="module")
+def llm(tiny_model: Path) -> Llama:
+    with Llama(tiny_model, n_ctx=512, n_threads=2, seed=1) as model:
+        yield model
+
+
+def test_tokenize_detokenize_round_trip(llm: Llama) -> None:
+    text = "hello, the world is a test."
+    tokens = llm.tokenize(text)
+    assert tokens[0] == 1  # BOS added
+    assert all(0 <= t < llm.n_vocab for t in tokens)
+    assert llm.detokenize(tokens[1:]).strip() == text
+
+
+def test_logprobs_are_log_softmax_of_eval(llm: Llama) -> None:
+    tokens = llm.tokenize("the quick brown fox")
+    logits = llm.eval(tokens).astype(np.float64)
+    assert logits.shape == (len(tokens), llm.n_vocab)
+    lp = llm.logprobs(tokens)
+    z = logits[:-1] - logits[:-1].max(axis=1, keepdims=True)
+    ref = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    np.testing.assert_allclose(lp, ref[np.arange(len(tokens) - 1), tokens[1:]], rtol=1e-6)
+
+
+def test_eval_in_chunks_matches_one_batch(tiny_model: Path) -> None:
+    tokens = list(range(3, 3 + 100))
+    with (
+        Llama(tiny_model, n_ctx=256, n_batch=128, n_threads=2) as one,
+        Llama(tiny_model, n_ctx=256, n_batch=32, n_ubatch=32, n_threads=2) as chunked,
+    ):
+        # different batch shapes take different matmul paths (f16 rounding): a chunking bug (wrong
+        # positions, lost KV) would move logits by O(1), far beyond this tolerance
+        a, b = one.eval(tokens), chunked.eval(tokens)
+        np.testing.assert_allclose(a, b, atol=0.05)
+        assert (a.argmax(axis=1) == b.argmax(axis=1)).mean() > 0.95
+
+
+def test_greedy_generation_follows_argmax(llm: Llama) -> None:
+    """Greedy stream == repeatedly taking the argmax of a full re-evaluation (independent path)."""
+    prompt = "the and of"
+    text = llm.generate(prompt, 12, temperature=0.0)
+    tokens = llm.tokenize(prompt)
+    generated: list[int] = []
+    for _ in range(12):
+        nxt = int(np.argmax(llm.eval(tokens + generated)[-1]))
+        if nxt == 2:  # EOS
+            break
+        generated.append(nxt)
+    expected = b"".join(llm.token_bytes(t) for t in generated).decode("utf-8", errors="replace")
+    assert text == expected
+
+
+def test_sampling_is_reproducible_with_a_seed(llm: Llama) -> None:
+    a = llm.generate("the", 16, temperature=1.0, seed=7)
+    b = llm.generate("the", 16, temperature=1.0, seed=7)
+    assert a == b
+
+
+def test_stream_pieces_join_to_generate(llm: Llama) -> None:
+    pieces = list(llm.stream("it is", 10))
+    assert "".join(pieces) == llm.generate("it is", 10)
+
+
+def test_stop_string_truncates(llm: Llama) -> None:
+    full = llm.generate("the", 20)
+    if len(full) < 4:
+        pytest.skip("the tiny model produced too little text")
+    stop = full[2:4]
+    cut = llm.generate("the", 20, stop=[stop])
+    assert cut == full[: full.index(stop)]
+
+
+def test_cb_eval_captures_tensors(tiny_model: Path) -> None:
+    seen: dict[str, np.ndarray] = {}
+
+    def cb(name: str, array: np.ndarray | None) -> bool:
+        if array is None:
+            return name == "attn_norm-0"
+        seen[name] = array
+        return True
+
+    with Llama(tiny_model, n_ctx=128, n_threads=2, cb_eval=cb) as model:
+        tokens = model.tokenize("the and")
+        model.eval(tokens)
+    assert seen["attn_norm-0"].shape[-2:] == (len(tokens), 128)
+    assert np.isfinite(seen["attn_norm-0"]).all()
+
+
+def test_log_goes_through_python_logging(
+    tiny_model: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with (
+        caplog.at_level(logging.DEBUG, logger="llama_sparsek.llama_cpp"),
+        Llama(tiny_model, n_ctx=128, n_threads=1),
+    ):
+        pass
+    assert any("llama" in r.getMessage() for r in caplog.records)
+
+
+def test_repeated_load_close_does_not_leak(tiny_model: Path) -> None:
+    def cycle() -> None:
+        with Llama(tiny_model, n_ctx=256, n_threads=1) as m:
+            m.generate("the", 4)
+
+    for _ in range(3):
+        cycle()
+    gc.collect()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for _ in range(15):
+        cycle()
+    gc.collect()
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    assert after - before < 32 * 1024  # KiB: a leaked model or context would be larger
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match=r"nope\.gguf"):
+        Llama(tmp_path / "nope.gguf")
+
+
+def test_not_a_gguf(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"this is not a model" * 10)
+    with pytest.raises(ValueError):
+        Llama(bad)
+
+
+def test_truncated_gguf_is_an_exception(tiny_model: Path, tmp_path: Path) -> None:
+    cut = tmp_path / "cut.gguf"
+    data = tiny_model.read_bytes()
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises((ValueError, LlamaError)):
+        Llama(cut)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"n_ctx": 0},
+        {"n_threads": -1},
+        {"n_batch": 0},
+        {"type_k": "q9"},
+        {"sparsek": 5},
+        {"kv_overrides": {"x" * 200: 1}},
+        {"kv_overrides": {"a.b": [1]}},
+        {"seed": -1},
+    ],
+)
+def test_invalid_options_raise_before_loading(tiny_model: Path, kwargs: dict[str, object]) -> None:
+    with pytest.raises(ValueError):
+        Llama(tiny_model, **kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"top_k": 0}, {"window": -1}, {"stride": -2}, {"top_k": 1.5}, {"top_k": True}]
+)
+def test_invalid_sparsek_values(kwargs: dict[str, object]) -> None:
+    with pytest.raises(ValueError):
+        SparseK(**kwargs)  # type: ignore[arg-type]
+
+
+def test_invalid_generation_options(llm: Llama) -> None:
+    for kwargs in ({"temperature": -1.0}, {"top_p": 0.0}, {"min_p": 2.0}, {"stop": [""]}):
+        with pytest.raises(ValueError):
+            llm.generate("the", 4, **kwargs)  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        llm.generate("the", 0)
+    with pytest.raises(ValueError):
+        llm.detokenize([10**6])
+
+
+def test_failed_load_carries_llama_cpp_reason(tiny_model: Path) -> None:
+    # 9 layers declared, 2 in the file: llama.cpp fails the load; its reason reaches Python
+    with pytest.raises(LlamaError, match=r"could not load.*blk\.2"):
+        Llama(tiny_model, kv_overrides={"llama.block_count": 9})
+
+
+def test_closed_model_refuses_work(tiny_model: Path) -> None:
+    m = Llama(tiny_model, n_ctx=128, n_threads=1)
+    m.close()
+    m.close()
+    with pytest.raises(ValueError, match="closed"):
+        m.generate("the", 2)
