@@ -2,13 +2,26 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from llama_sparsek.llama import Llama
-from llama_sparsek.sampling import Sampling
 from llama_sparsek.sparsek import SparseK, recommended
+
+if TYPE_CHECKING:
+    from llama_sparsek.llama import Llama
+    from llama_sparsek.sampling import Sampling
+
+# loaded on first use, so that commands which never run a model (gguf, models) start fast
+_LAZY = {"Llama": "llama_sparsek.llama", "Sampling": "llama_sparsek.sampling"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'llama_sparsek' has no attribute {name!r}")
+
 
 __all__ = ["Llama", "Sampling", "SparseK", "generate", "recommended"]
 __version__ = "0.1.0"
@@ -35,6 +48,7 @@ def generate(
     `llama_options` go to `Llama` (n_ctx, n_threads, flash_attn, kv_overrides, ...).
     """
     from llama_sparsek import models
+    from llama_sparsek.llama import Llama
 
     if dense and sparsek is not None:
         raise ValueError("pass either sparsek or dense=True, not both")

@@ -21,13 +21,15 @@ models_app = typer.Typer(help="Fetch and locate the registry's real models.", no
 app.add_typer(models_app, name="models")
 
 
-def _add_gguf_app() -> None:
+def _add_subcommands() -> None:
+    from llama_sparsek.cli_eval import eval_command
     from llama_sparsek.cli_gguf import app as gguf_app
 
     app.add_typer(gguf_app, name="gguf", help="Show, set and unset SparseK keys in GGUF files.")
+    app.command("eval")(eval_command)
 
 
-_add_gguf_app()
+_add_subcommands()
 
 
 def _fail(message: str) -> typer.Exit:

@@ -304,17 +304,50 @@ class Llama:
         self.reset()
         return np.concatenate(self._decode(tokens, all_logits=True))
 
-    def logprobs(self, tokens: Sequence[int]) -> np.ndarray:
-        """log p(tokens[i+1] | tokens[:i+1]) for every i: the per-token scores of perplexity."""
-        if len(tokens) < 2:
-            raise ValueError("scoring needs at least two tokens")
-        logits = self.eval(tokens)[:-1].astype(np.float64)
-        top = logits.max(axis=1, keepdims=True)
-        log_norm = top[:, 0] + np.log(np.exp(logits - top).sum(axis=1))
-        picked: np.ndarray = logits[np.arange(len(tokens) - 1), list(tokens[1:])] - log_norm
-        return picked
+    def logprobs(self, tokens: Sequence[int], *, start: int = 1) -> np.ndarray:
+        """log p(tokens[i] | tokens[:i]) for i in [start, len(tokens)): perplexity's scores.
+
+        The prefix before `start` is decoded without logits and the rest one batch at a time,
+        so memory stays at n_batch x n_vocab floats however long the text.
+        """
+        if not 1 <= start < len(tokens):
+            raise ValueError(f"start must be in [1, {len(tokens)}), got {start}")
+        self.reset()
+        if start > 1:
+            self._decode(tokens[: start - 1], all_logits=False)
+        scores = []
+        for first in range(start - 1, len(tokens) - 1, self.n_batch):
+            last = min(first + self.n_batch, len(tokens) - 1)
+            (logits,) = self._decode(tokens[first:last], all_logits=True)
+            scores.append(log_softmax_pick(logits, tokens[first + 1 : last + 1]))
+        return np.concatenate(scores)
 
     # ------------------------------------------------------------------ generation
+
+    def generate_tokens(
+        self,
+        prompt: Sequence[int],
+        max_tokens: int,
+        *,
+        sampling: Sampling | None = None,
+        stop_at_eog: bool = True,
+    ) -> Iterator[int]:
+        """Token ids continuing `prompt` from an empty context (greedy unless `sampling` says
+        otherwise); with stop_at_eog=False every continuation has exactly max_tokens tokens."""
+        _positive("max_tokens", max_tokens)
+        if not prompt:
+            raise ValueError("the prompt has no tokens")
+        sampler = (sampling or Sampling(seed=self.seed)).sampler()
+        self.reset()
+        self._decode(prompt, all_logits=False)
+        for i in range(max_tokens):
+            token = int(lib.llama_sampler_sample(sampler, self._live_ctx(), -1))
+            if stop_at_eog and lib.llama_vocab_is_eog(self._vocab, token):
+                return
+            yield token
+            if i + 1 == max_tokens or self._n_past >= self.n_ctx:
+                return
+            self._decode([token], all_logits=False)
 
     def stream(
         self,
@@ -329,36 +362,24 @@ class Llama:
         stop: Sequence[str] = (),
     ) -> Iterator[str]:
         """Generate from an empty context, yielding text pieces as they are decoded."""
-        _positive("max_tokens", max_tokens)
         if any(not s for s in stop):
             raise ValueError("stop strings must be non-empty")
         sampling = Sampling(temperature, top_k, top_p, min_p, self.seed if seed is None else seed)
         tokens = self.tokenize(prompt)
-        if not tokens:
-            raise ValueError("the prompt tokenizes to nothing")
-        sampler = sampling.sampler()
-        self.reset()
-        self._decode(tokens, all_logits=False)
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        keep = max((len(s) - 1 for s in stop), default=0)
         held = ""  # text that could still be the start of a stop string
-        for _ in range(max_tokens):
-            token = lib.llama_sampler_sample(sampler, self._live_ctx(), -1)
-            if lib.llama_vocab_is_eog(self._vocab, token):
-                break
+        for token in self.generate_tokens(tokens, max_tokens, sampling=sampling):
             held += decoder.decode(self.token_bytes(token))
             cut = min((i for s in stop if (i := held.find(s)) >= 0), default=-1)
             if cut >= 0:
                 if held[:cut]:
                     yield held[:cut]
                 return
-            keep = max((len(s) - 1 for s in stop), default=0)
             safe = _safe_prefix(held, stop, keep)
             if safe:
                 yield held[:safe]
                 held = held[safe:]
-            if self._n_past >= self.n_ctx:
-                break
-            self._decode([token], all_logits=False)
         held += decoder.decode(b"", final=True)
         if held:
             yield held
@@ -366,6 +387,15 @@ class Llama:
     def generate(self, prompt: str, max_tokens: int = 128, **options: Any) -> str:
         """The whole completion of `prompt` (see stream() for the options)."""
         return "".join(self.stream(prompt, max_tokens, **options))
+
+
+def log_softmax_pick(logits: np.ndarray, targets: Sequence[int]) -> np.ndarray:
+    """log p(target) under each row of logits, in float64 so long sums of nats stay exact."""
+    x = logits.astype(np.float64)
+    top = x.max(axis=1, keepdims=True)
+    log_norm = top[:, 0] + np.log(np.exp(x - top).sum(axis=1))
+    picked: np.ndarray = x[np.arange(len(targets)), list(targets)] - log_norm
+    return picked
 
 
 def _safe_prefix(text: str, stop: Sequence[str], keep: int) -> int:

@@ -1,0 +1,120 @@
+"""`llama-sparsek eval`: dense vs SparseK on real models and real long text (see evaluation)."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from llama_sparsek import corpus, models
+from llama_sparsek.evaluation import DEFAULT_GRID, EvalConfig, EvalError, parse_grid, parse_ints
+
+DEFAULT_OUT = Path("eval-results")
+
+
+def _fail(message: str) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(2)
+
+
+def build_config(
+    *,
+    quick: bool,
+    ctx: list[str] | None,
+    depths: str | None,
+    **sizes: int | bool | None,
+) -> EvalConfig:
+    """The full (or --quick) configuration with every option the user gave on top of it."""
+    base = EvalConfig.quick() if quick else EvalConfig()
+    changes: dict[str, Any] = {k: v for k, v in sizes.items() if v is not None}
+    if ctx:
+        changes["contexts"] = parse_ints(ctx, "--ctx")
+    if depths is not None:
+        changes["depths"] = parse_ints([depths], "--depths")
+    return replace(base, **changes)
+
+
+def eval_command(
+    model: Annotated[
+        list[str] | None,
+        typer.Option("--model", "-m", help="Registry name or GGUF path (repeatable)."),
+    ] = None,
+    grid: Annotated[
+        str, typer.Option(help="SparseK settings top_k:window[:block], comma-separated.")
+    ] = DEFAULT_GRID,
+    ctx: Annotated[
+        list[str] | None,
+        typer.Option("--ctx", help="Perplexity contexts, repeatable/comma list [2048,4096,8192]."),
+    ] = None,
+    depths: Annotated[
+        str | None, typer.Option(help="llama-bench depths, comma list [0,2048,7168].")
+    ] = None,
+    windows: Annotated[int | None, typer.Option(help="Perplexity windows per context [4].")] = None,
+    prompts: Annotated[int | None, typer.Option(help="Greedy-agreement prompts [4].")] = None,
+    prompt_tokens: Annotated[int | None, typer.Option(help="Tokens per prompt [3840].")] = None,
+    gen_tokens: Annotated[int | None, typer.Option(help="Greedy tokens per prompt [256].")] = None,
+    pp: Annotated[int | None, typer.Option("--pp", help="llama-bench prompt tokens [512].")] = None,
+    tg: Annotated[
+        int | None, typer.Option("--tg", help="llama-bench tokens generated [128].")
+    ] = None,
+    repetitions: Annotated[int | None, typer.Option(help="llama-bench repetitions [3].")] = None,
+    threads: Annotated[int | None, typer.Option(help="CPU threads (default: all).")] = None,
+    speed: Annotated[bool, typer.Option("--speed/--no-speed", help="Run llama-bench.")] = True,
+    text: Annotated[
+        Path | None, typer.Option(help="A UTF-8 text file instead of the pinned corpus.")
+    ] = None,
+    corpus_name: Annotated[
+        str, typer.Option("--corpus", help=f"Pinned corpus: {', '.join(corpus.REGISTRY)}.")
+    ] = corpus.DEFAULT_CORPUS,
+    quick: Annotated[bool, typer.Option(help="Tiny sizes: a smoke test in seconds.")] = False,
+    plot: Annotated[bool, typer.Option("--plot/--no-plot", help="Write results.png.")] = True,
+    out: Annotated[Path, typer.Option(help="Directory for results.json/.md/.png.")] = DEFAULT_OUT,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress")] = True,
+) -> None:
+    """Dense vs SparseK: perplexity, greedy agreement, prefill/decode speed; JSON, table, plot."""
+    from llama_sparsek._binding import LlamaError
+    from llama_sparsek.evaluation import evaluate, table, write
+
+    try:
+        settings = parse_grid(grid)
+        config = build_config(
+            quick=quick,
+            ctx=ctx,
+            depths=depths,
+            windows=windows,
+            prompts=prompts,
+            prompt_tokens=prompt_tokens,
+            gen_tokens=gen_tokens,
+            pp_tokens=pp,
+            tg_tokens=tg,
+            repetitions=repetitions,
+            threads=threads,
+            speed=speed,
+        )
+        body = text.read_text(encoding="utf-8") if text else corpus.load_text(corpus_name)
+        paths = [(m, models.resolve(m)) for m in model or [models.DEFAULT_MODEL]]
+        report = evaluate(
+            paths,
+            body,
+            settings,
+            config,
+            corpus=str(text) if text else corpus_name,
+            command=shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+            progress=progress,
+        )
+        files = write(report, out, png=plot)
+    except (
+        ValueError,
+        OSError,
+        EvalError,
+        LlamaError,
+        models.ModelError,
+        corpus.CorpusError,
+    ) as e:
+        raise _fail(str(e)) from None
+    typer.echo(table(report))
+    typer.echo("\n" + "\n".join(f"wrote {p}" for p in files.values()))

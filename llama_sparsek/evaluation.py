@@ -1,0 +1,671 @@
+"""Dense vs SparseK on real models and real long text: perplexity, greedy agreement and speed.
+
+Every grid setting is measured side by side with dense attention in one run, on the same tokens
+and the same machine, so the report can state each setting's cost (perplexity increase, lost
+agreement) next to its gain (prefill and decode speed-up):
+
+- perplexity: non-overlapping windows of `n_ctx` tokens over the text (BOS first when the model
+  adds one); as in `llama-perplexity`, only the second half of each window is scored, so every
+  scored token sees at least n_ctx/2 tokens of context: the long-range attention SparseK prunes.
+- greedy agreement: greedy continuations of long prompts cut from the text, dense vs SparseK:
+  the share of tokens before the first divergence, and of positions with identical tokens.
+- speed: `llama-bench` pp<P> and tg<T> at several depths (`-d`) on a copy of the GGUF with the
+  SparseK keys written in, since llama-bench has no --override-kv at the pinned commit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as dt
+import json
+import math
+import subprocess
+import tempfile
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from llama_sparsek.gguf import GGUFType, read_metadata, set_metadata
+from llama_sparsek.llama import KvValue, Llama
+from llama_sparsek.sparsek import SparseK
+
+# A future key: 1 = exact token top-k; B > 1 = keep the top_k/B best blocks of B keys.
+KEY_BLOCK_SIZE = "block_size"
+DEFAULT_GRID = "512:128,256:128,128:64"
+DENSE = "dense"
+
+
+class EvalError(RuntimeError):
+    """A measurement could not be taken (llama-bench failed, the text is too short, ...)."""
+
+
+# --------------------------------------------------------------------------- the grid
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One SparseK point of the grid; block_size None writes no block-size key at all."""
+
+    top_k: int
+    window: int
+    block_size: int | None = None
+    stride: int = 0
+
+    def __post_init__(self) -> None:
+        self.sparsek  # noqa: B018 -- SparseK validates top_k/window/stride
+        if self.block_size is not None and (
+            isinstance(self.block_size, bool)
+            or not isinstance(self.block_size, int)
+            or not 1 <= self.block_size <= 0xFFFFFFFF
+        ):
+            raise ValueError(f"block size must be a positive 32-bit int, got {self.block_size!r}")
+
+    @property
+    def sparsek(self) -> SparseK:
+        return SparseK(top_k=self.top_k, window=self.window, stride=self.stride)
+
+    @property
+    def label(self) -> str:
+        block = "" if self.block_size is None else f"/b{self.block_size}"
+        stride = "" if self.stride == 0 else f"/s{self.stride}"
+        return f"k{self.top_k}/w{self.window}{block}{stride}"
+
+    def kv_overrides(self, arch: str) -> dict[str, KvValue]:
+        """The `<arch>.sparsek.*` keys for this setting (block_size only when given)."""
+        overrides: dict[str, KvValue] = dict(self.sparsek.kv_overrides(arch))
+        if self.block_size is not None:
+            overrides[f"{arch}.sparsek.{KEY_BLOCK_SIZE}"] = self.block_size
+        return overrides
+
+
+def parse_grid(text: str) -> tuple[Setting, ...]:
+    """`top_k:window[:block_size]` items separated by commas, e.g. `256:128,128:64:16`."""
+    items = [item.strip() for item in text.split(",")]
+    if not text.strip() or not all(items):
+        raise ValueError(f"grid {text!r}: expected top_k:window[:block], comma-separated")
+    settings = tuple(_parse_setting(item) for item in items)
+    dupes = sorted({s.label for s in settings if settings.count(s) > 1})
+    if dupes:
+        raise ValueError(f"grid {text!r} repeats {', '.join(dupes)}")
+    return settings
+
+
+def _parse_setting(item: str) -> Setting:
+    parts = item.split(":")
+    if len(parts) not in (2, 3):
+        raise ValueError(f"grid item {item!r}: expected top_k:window[:block]")
+    try:
+        numbers = [int(p) for p in parts]
+    except ValueError:
+        raise ValueError(f"grid item {item!r}: values must be integers") from None
+    try:
+        return Setting(*numbers)
+    except ValueError as e:
+        raise ValueError(f"grid item {item!r}: {e}") from None
+
+
+def parse_ints(values: Sequence[str], what: str) -> tuple[int, ...]:
+    """Integers from repeated and/or comma-separated options (`--ctx 2048 --ctx 4096,8192`)."""
+    out: list[int] = []
+    for value in values:
+        for part in value.split(","):
+            try:
+                out.append(int(part))
+            except ValueError:
+                raise ValueError(f"{what}: {part!r} is not an integer") from None
+    if not out:
+        raise ValueError(f"{what}: give at least one value")
+    return tuple(out)
+
+
+def label(setting: Setting | None) -> str:
+    return DENSE if setting is None else setting.label
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """What to measure and how much of it; `quick()` is the CI smoke size."""
+
+    contexts: tuple[int, ...] = (2048, 4096, 8192)
+    windows: int = 4  # perplexity windows per context, at most (fewer if the text runs out)
+    prompts: int = 4  # greedy-agreement prompts, spread evenly over the text
+    prompt_tokens: int = 3840  # + gen_tokens = 4096: long prompts
+    gen_tokens: int = 256
+    depths: tuple[int, ...] = (0, 2048, 7168)
+    pp_tokens: int = 512
+    tg_tokens: int = 128
+    repetitions: int = 3  # llama-bench -r
+    threads: int | None = None
+    n_batch: int = 512
+    speed: bool = True  # run llama-bench
+
+    def __post_init__(self) -> None:
+        for name in ("windows", "prompts", "prompt_tokens", "gen_tokens", "repetitions"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.contexts or min(self.contexts) < 16:
+            raise ValueError(f"contexts must be >= 16 tokens, got {self.contexts}")
+        if not self.depths or min(self.depths) < 0:
+            raise ValueError(f"depths must be >= 0, got {self.depths}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
+
+    @classmethod
+    def quick(cls, **overrides: Any) -> EvalConfig:
+        """Tiny sizes: the whole pipeline in seconds, for smoke tests."""
+        sizes: dict[str, Any] = {
+            "contexts": (256,),
+            "windows": 2,
+            "prompts": 2,
+            "prompt_tokens": 96,
+            "gen_tokens": 16,
+            "depths": (0, 128),
+            "pp_tokens": 64,
+            "tg_tokens": 8,
+            "repetitions": 1,
+        }
+        return cls(**(sizes | overrides))
+
+    @property
+    def n_ctx(self) -> int:
+        """One context large enough for every perplexity window and prompt + continuation."""
+        return max(*self.contexts, self.prompt_tokens + self.gen_tokens)
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass
+class Perplexity:
+    ctx: int
+    ppl: float
+    nll: float  # mean negative log-likelihood per scored token (nats)
+    scored: int  # tokens scored
+    windows: int
+
+
+@dataclass
+class Agreement:
+    prefix: float  # % of generated tokens before the first divergence from dense
+    overall: float  # % of positions with the same token as dense
+    prefixes: list[int]  # tokens before the first divergence, per prompt
+    gen_tokens: int
+
+
+@dataclass
+class Speed:
+    test: str  # "pp512" or "tg128", llama-bench's names
+    depth: int
+    tps: float  # tokens per second (llama-bench avg_ts)
+    stddev: float
+
+
+@dataclass
+class VariantResult:
+    label: str
+    setting: Setting | None
+    perplexity: list[Perplexity] = field(default_factory=list)
+    agreement: Agreement | None = None
+    speed: list[Speed] = field(default_factory=list)
+
+    def ppl_at(self, ctx: int) -> Perplexity | None:
+        return next((p for p in self.perplexity if p.ctx == ctx), None)
+
+    def speed_of(self, test: str, depth: int) -> Speed | None:
+        return next((s for s in self.speed if s.test == test and s.depth == depth), None)
+
+
+@dataclass
+class ModelResult:
+    model: str  # as given: registry name or path
+    path: str
+    arch: str
+    text_tokens: int
+    variants: list[VariantResult]
+
+    @property
+    def dense(self) -> VariantResult:
+        return self.variants[0]
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+
+
+@dataclass
+class Report:
+    config: EvalConfig
+    corpus: str
+    models: list[ModelResult]
+    command: str = ""
+    created: str = field(default_factory=_now)
+    build: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------- perplexity
+
+
+def bos_tokens(llm: Llama) -> list[int]:
+    """[BOS] when the model's tokenizer adds one, else []: what every window starts with."""
+    return llm.tokenize("", add_special=True)
+
+
+def windows(tokens: Sequence[int], bos: Sequence[int], n_ctx: int, limit: int) -> list[list[int]]:
+    """Up to `limit` non-overlapping windows of exactly n_ctx tokens (BOS + text tokens)."""
+    step = n_ctx - len(bos)
+    count = min(limit, len(tokens) // step)
+    if count == 0:
+        raise EvalError(
+            f"the text has {len(tokens)} tokens: too short for one {n_ctx}-token window"
+        )
+    return [[*bos, *tokens[i * step : (i + 1) * step]] for i in range(count)]
+
+
+def perplexity(
+    llm: Llama,
+    tokens: Sequence[int],
+    n_ctx: int,
+    limit: int,
+    on_window: Callable[[], None] = lambda: None,
+) -> Perplexity:
+    """Perplexity over windows of n_ctx tokens, second half of each scored (llama-perplexity)."""
+    chunks = windows(tokens, bos_tokens(llm), n_ctx, limit)
+    nll_sum, scored = 0.0, 0
+    for chunk in chunks:
+        logprobs = llm.logprobs(chunk, start=n_ctx // 2 + 1)
+        nll_sum -= float(logprobs.sum())
+        scored += len(logprobs)
+        on_window()
+    nll = nll_sum / scored
+    return Perplexity(n_ctx, math.exp(nll), nll, scored, len(chunks))
+
+
+# --------------------------------------------------------------------------- greedy agreement
+
+
+def prompts(tokens: Sequence[int], bos: Sequence[int], length: int, count: int) -> list[list[int]]:
+    """`count` prompts of `length` tokens (BOS included) starting at evenly spaced offsets."""
+    body = length - len(bos)
+    span = len(tokens) - body
+    if body < 1 or span < 0:
+        raise EvalError(f"the text has {len(tokens)} tokens: too short for {length}-token prompts")
+    offsets = np.linspace(0, span, count).astype(int) if count > 1 else np.array([0])
+    return [[*bos, *tokens[o : o + body]] for o in offsets]
+
+
+def greedy(llm: Llama, prompt: Sequence[int], n: int) -> list[int]:
+    """n greedy tokens after prompt; end-of-generation does not stop it, so that every
+    continuation has the same length and positions compare one to one."""
+    return list(llm.generate_tokens(prompt, n, stop_at_eog=False))
+
+
+def agreement(reference: Sequence[Sequence[int]], candidate: Sequence[Sequence[int]]) -> Agreement:
+    """How much of `candidate` matches `reference`, per prompt and over all prompts."""
+    if len(reference) != len(candidate) or not reference:
+        raise ValueError("agreement needs the same, non-zero number of continuations")
+    prefixes, same, total = [], 0, 0
+    for ref, cand in zip(reference, candidate, strict=True):
+        if len(ref) != len(cand):
+            raise ValueError("continuations to compare must have the same length")
+        equal = [a == b for a, b in zip(ref, cand, strict=True)]
+        prefixes.append(equal.index(False) if False in equal else len(equal))
+        same += sum(equal)
+        total += len(equal)
+    return Agreement(
+        100.0 * sum(prefixes) / total, 100.0 * same / total, prefixes, len(reference[0])
+    )
+
+
+# --------------------------------------------------------------------------- speed (llama-bench)
+
+
+def bench_command(model: Path, config: EvalConfig) -> list[str]:
+    from llama_sparsek import tools
+
+    depths = ",".join(str(d) for d in config.depths)
+    cmd = [str(tools.tool_path("llama-bench")), "-m", str(model), "-fa", "1", "-o", "json"]
+    cmd += ["-p", str(config.pp_tokens), "-n", str(config.tg_tokens), "-d", depths]
+    cmd += ["-r", str(config.repetitions), "-ub", str(config.n_batch)]
+    if config.threads is not None:
+        cmd += ["-t", str(config.threads)]
+    return cmd
+
+
+def parse_bench(output: str) -> list[Speed]:
+    """llama-bench `-o json` records as Speeds (pp<N> for prompt tests, tg<N> for generation)."""
+    try:
+        records = json.loads(output)
+    except json.JSONDecodeError as e:
+        raise EvalError(f"llama-bench printed no JSON: {e}") from None
+    speeds = []
+    for r in records:
+        test = f"pp{r['n_prompt']}" if r["n_gen"] == 0 else f"tg{r['n_gen']}"
+        speeds.append(Speed(test, int(r["n_depth"]), float(r["avg_ts"]), float(r["stddev_ts"])))
+    return speeds
+
+
+def gguf_updates(overrides: Mapping[str, KvValue]) -> dict[str, Any]:
+    """kv_overrides as GGUF metadata updates: bools stay BOOL, SparseK sizes are UINT32."""
+    updates: dict[str, Any] = {}
+    for key, value in overrides.items():
+        if not isinstance(value, bool | int):
+            raise ValueError(f"{key}: only bool/int SparseK keys can be written, got {value!r}")
+        kind = GGUFType.BOOL if isinstance(value, bool) else GGUFType.UINT32
+        updates[key] = (kind, value)
+    return updates
+
+
+@contextlib.contextmanager
+def model_with(model: Path, overrides: Mapping[str, KvValue]) -> Iterator[Path]:
+    """The model itself, or a temporary copy with `overrides` written into its metadata."""
+    if not overrides:
+        yield model
+        return
+    with tempfile.TemporaryDirectory(prefix="sparsek-bench-") as tmp:
+        copy = Path(tmp) / model.name
+        set_metadata(model, gguf_updates(overrides), out=copy)
+        yield copy
+
+
+def check_writable(model: Path, overrides: Mapping[str, KvValue]) -> None:
+    """Fail now, not after an hour of perplexity, if the GGUF editor refuses these keys (e.g. a
+    block_size key before the editor knows it)."""
+    if overrides:
+        set_metadata(model, gguf_updates(overrides), dry_run=True)
+
+
+def bench(model: Path, overrides: Mapping[str, KvValue], config: EvalConfig) -> list[Speed]:
+    """llama-bench on the model with these SparseK keys (dense when there are none)."""
+    with model_with(model, overrides) as path:
+        proc = subprocess.run(bench_command(path, config), text=True, capture_output=True)
+    if proc.returncode != 0:
+        raise EvalError(f"llama-bench failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
+    return parse_bench(proc.stdout)
+
+
+# --------------------------------------------------------------------------- the run
+
+
+class _Progress:
+    """One tqdm bar over every unit of work: a perplexity window, a prompt, a llama-bench run.
+
+    Each model adds its units once its text is tokenized, since windows depend on the count.
+    """
+
+    def __init__(self, enabled: bool) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=0, unit="step", disable=not enabled, dynamic_ncols=True)
+
+    def add(self, units: int) -> None:
+        self.bar.total += units
+        self.bar.refresh()
+
+    def stage(self, text: str) -> None:
+        self.bar.set_description(text)
+
+    def step(self) -> None:
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _units(config: EvalConfig, text_tokens: int, n_variants: int) -> int:
+    ppl = sum(min(config.windows, max(1, text_tokens // c)) for c in config.contexts)
+    return n_variants * (ppl + config.prompts + int(config.speed))
+
+
+def _open(path: Path, config: EvalConfig, overrides: Mapping[str, KvValue]) -> Llama:
+    """A Llama with the SparseK keys (and block size, when given) as kv_overrides."""
+    return Llama(
+        path,
+        n_ctx=config.n_ctx,
+        n_threads=config.threads,
+        n_batch=config.n_batch,
+        n_ubatch=config.n_batch,
+        flash_attn=True,
+        kv_overrides=overrides,
+    )
+
+
+def _continuations(
+    llm: Llama, tokens: Sequence[int], config: EvalConfig, progress: _Progress
+) -> list[list[int]]:
+    out = []
+    for prompt in prompts(tokens, bos_tokens(llm), config.prompt_tokens, config.prompts):
+        out.append(greedy(llm, prompt, config.gen_tokens))
+        progress.step()
+    return out
+
+
+def evaluate_model(
+    model: str,
+    path: Path,
+    text: str,
+    grid: Sequence[Setting],
+    config: EvalConfig,
+    progress: _Progress,
+) -> ModelResult:
+    """Dense first (the reference for agreement), then each setting, one Llama each."""
+    arch = read_metadata(path).require_arch()
+    if config.speed:
+        for point in grid:
+            check_writable(path, point.kv_overrides(arch))
+    tokens: list[int] = []
+    reference: list[list[int]] = []
+    variants = []
+    for setting in (None, *grid):
+        name = label(setting)
+        overrides = {} if setting is None else setting.kv_overrides(arch)
+        variant = VariantResult(name, setting)
+        with _open(path, config, overrides) as llm:
+            if not tokens:
+                tokens = llm.tokenize(text, add_special=False)
+                progress.add(_units(config, len(tokens), 1 + len(grid)))
+            for ctx in config.contexts:
+                progress.stage(f"{model} {name} ppl@{ctx}")
+                variant.perplexity.append(
+                    perplexity(llm, tokens, ctx, config.windows, progress.step)
+                )
+            progress.stage(f"{model} {name} greedy")
+            continuations = _continuations(llm, tokens, config, progress)
+        if setting is None:
+            reference = continuations
+        else:
+            variant.agreement = agreement(reference, continuations)
+        if config.speed:
+            progress.stage(f"{model} {name} llama-bench")
+            variant.speed = bench(path, overrides, config)
+            progress.step()
+        variants.append(variant)
+    return ModelResult(model, str(path), arch, len(tokens), variants)
+
+
+def evaluate(
+    models: Sequence[tuple[str, Path]],
+    text: str,
+    grid: Sequence[Setting],
+    config: EvalConfig,
+    *,
+    corpus: str = "",
+    command: str = "",
+    progress: bool = True,
+) -> Report:
+    """Measure dense and every grid setting on every model; see the module docstring."""
+    bar = _Progress(progress)
+    try:
+        results = [evaluate_model(m, p, text, grid, config, bar) for m, p in models]
+    finally:
+        bar.close()
+    report = Report(config, corpus, results, command=command, build=_build_info())
+    report.notes.extend(_notes(report))
+    return report
+
+
+def _build_info() -> dict[str, Any]:
+    from llama_sparsek import tools
+
+    try:
+        info = tools.build_info()
+    except (OSError, ValueError):
+        return {}
+    return {k: info.get(k) for k in ("llama_cpp_commit", "patches", "build_type", "cmake_args")}
+
+
+def _notes(report: Report) -> Iterator[str]:
+    """Warnings a reader must see next to the numbers."""
+    for m in report.models:
+        sparse = m.variants[1:]
+        if sparse and all(v.perplexity == m.dense.perplexity for v in sparse):
+            yield (
+                f"{m.model}: every SparseK setting gave exactly the dense perplexity: this build "
+                "does not apply SparseK (is the graph patch installed?)"
+            )
+
+
+# --------------------------------------------------------------------------- output
+
+
+def speed_up(model: ModelResult, variant: VariantResult, test: str, depth: int) -> float | None:
+    mine, base = variant.speed_of(test, depth), model.dense.speed_of(test, depth)
+    if mine is None or base is None or base.tps <= 0:
+        return None
+    return mine.tps / base.tps
+
+
+def ppl_increase(model: ModelResult, variant: VariantResult, ctx: int) -> float | None:
+    """Perplexity increase over dense at this context, in percent."""
+    mine, base = variant.ppl_at(ctx), model.dense.ppl_at(ctx)
+    if mine is None or base is None:
+        return None
+    return 100.0 * (mine.ppl / base.ppl - 1.0)
+
+
+def _tests(config: EvalConfig) -> list[tuple[str, int]]:
+    pp, tg = f"pp{config.pp_tokens}", f"tg{config.tg_tokens}"
+    return [(pp, d) for d in config.depths] + [(tg, d) for d in config.depths]
+
+
+def table(report: Report) -> str:
+    """A Markdown table per model: perplexity (+% vs dense), agreement, speed (x dense)."""
+    cfg = report.config
+    blocks = []
+    for m in report.models:
+        head = ["setting"] + [f"ppl@{c}" for c in cfg.contexts] + ["agree prefix", "agree all"]
+        if cfg.speed:
+            head += [f"{t}@d{d} t/s" for t, d in _tests(cfg)]
+        rows = [head, ["---"] * len(head)]
+        for v in m.variants:
+            row = [v.label]
+            for c in cfg.contexts:
+                p, inc = v.ppl_at(c), ppl_increase(m, v, c)
+                cell = "-" if p is None else f"{p.ppl:.3f}"
+                row.append(cell if v.setting is None or inc is None else f"{cell} ({inc:+.2f}%)")
+            a = v.agreement
+            row += ["-", "-"] if a is None else [f"{a.prefix:.1f}%", f"{a.overall:.1f}%"]
+            if cfg.speed:
+                for t, d in _tests(cfg):
+                    s, up = v.speed_of(t, d), speed_up(m, v, t, d)
+                    cell = "-" if s is None else f"{s.tps:.1f}"
+                    row.append(cell if v.setting is None or up is None else f"{cell} ({up:.2f}x)")
+            rows.append(row)
+        lines = ["| " + " | ".join(r) + " |" for r in rows]
+        title = f"**{m.model}** ({m.arch}, {m.text_tokens} text tokens)"
+        blocks.append("\n".join([title, "", *lines]))
+    return "\n\n".join(blocks + [f"> {n}" for n in report.notes])
+
+
+def depth_for(ctx: int, depths: Sequence[int], tokens: int) -> int:
+    """The deepest benchmarked depth whose test still fits in a context of ctx tokens: the speed
+    that goes with that context's perplexity (the shallowest depth if none fits)."""
+    fitting = [d for d in depths if d + tokens <= ctx]
+    return max(fitting) if fitting else min(depths)
+
+
+def plot(report: Report, path: Path) -> None:
+    """Speed-up vs perplexity increase: one curve per setting through its contexts, one panel
+    for prefill and one for decode; dense is the point (0 %, 1x)."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise EvalError("the plot needs matplotlib (pip install matplotlib) or --no-plot") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cfg = report.config
+    panels = [(f"pp{cfg.pp_tokens}", cfg.pp_tokens), (f"tg{cfg.tg_tokens}", cfg.tg_tokens)]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5), squeeze=False)
+    for ax, (test, tokens) in zip(axes[0], panels, strict=True):
+        for m in report.models:
+            for v in m.variants[1:]:
+                points = []
+                for ctx in cfg.contexts:
+                    up = speed_up(m, v, test, depth_for(ctx, cfg.depths, tokens))
+                    inc = ppl_increase(m, v, ctx)
+                    if up is not None and inc is not None:
+                        points.append((inc, up, ctx))
+                if not points:
+                    continue
+                name = v.label if len(report.models) == 1 else f"{m.model} {v.label}"
+                ax.plot([p[0] for p in points], [p[1] for p in points], "o-", label=name)
+                for x, y, ctx in points:
+                    ax.annotate(f"{ctx // 1024}k" if ctx >= 1024 else str(ctx), (x, y), fontsize=8)
+        ax.plot([0], [1], "k*", markersize=12, label=DENSE)
+        ax.axhline(1.0, color="grey", linewidth=0.5)
+        ax.axvline(0.0, color="grey", linewidth=0.5)
+        ax.set_xlabel("perplexity increase vs dense (%)")
+        ax.set_ylabel(f"{test} speed-up vs dense (x)")
+        ax.set_title(f"{test} at the deepest depth that fits each context")
+        ax.legend(fontsize=8)
+    fig.suptitle(f"SparseK vs dense ({report.corpus or 'text'}; labels: context)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write(report: Report, out: Path, *, png: bool = True) -> dict[str, Path]:
+    """results.json, results.md (the table) and, with png, results.png into `out`."""
+    out.mkdir(parents=True, exist_ok=True)
+    files = {"json": out / "results.json", "md": out / "results.md"}
+    files["json"].write_text(json.dumps(report.to_json(), indent=2) + "\n")
+    files["md"].write_text(table(report) + "\n")
+    if png:
+        files["png"] = out / "results.png"
+        plot(report, files["png"])
+    return files
+
+
+__all__ = [
+    "DEFAULT_GRID",
+    "Agreement",
+    "EvalConfig",
+    "EvalError",
+    "ModelResult",
+    "Perplexity",
+    "Report",
+    "Setting",
+    "Speed",
+    "VariantResult",
+    "agreement",
+    "bench",
+    "evaluate",
+    "greedy",
+    "parse_bench",
+    "parse_grid",
+    "perplexity",
+    "plot",
+    "table",
+    "write",
+]

@@ -1,0 +1,200 @@
+"""Pure-numpy reference of the SparseK KQ mask that the patched llama.cpp builds for one layer.
+
+It mirrors ``llm_graph_context::build_sparsek_mask`` (src/llama-graph.cpp) together with
+``llama_kv_cache::set_input_kq_mask_sparsek`` (src/llama-kv-cache.cpp), for one KV stream.
+
+Shapes are the ggml shapes reversed (numpy row-major order):
+
+    q          (n_tokens, n_head, head_dim)      ggml "Qcur-<il>"  [head_dim, n_head, n_tokens]
+    k          (n_kv, n_head_kv, head_dim)       ggml K cache view [head_dim, n_head_kv, n_kv]
+    base_mask  (n_tokens, n_kv)                  ggml KQ mask      [n_kv, n_tokens] (0 / -inf)
+    positions_q (n_tokens,)                      position of each query token
+    positions_k (n_kv,)                          position of each KV cell (unused where base -inf)
+
+Semantics. For the query token at position p the kept keys are the keys its base mask allows
+(finite entries) that are in the union of
+
+* the local window: positions p-window+1 .. p,
+* the strided keys (stride > 0): positions divisible by stride,
+* the ``top_k`` best-scoring remaining keys (allowed and not already forced).
+
+Forced (window/stride) keys are counted per row in cell order and capped at
+``n_forced_max = min(n_kv, window + ceil(n_kv/stride))`` (``window`` if stride == 0); the cap only
+binds with position gaps or repeated positions in a sequence and keeps the flash-attention
+``n_kv_max`` hint (``min(n_kv, top_k + n_forced_max)``) a true bound. Keys past the cap are
+ordinary top-k candidates.
+
+The score of key j for query token i is shared by all heads:
+
+    score[i, j] = sum_h q[i, h] . k[j, h // n_gqa]        (n_gqa = n_head // n_head_kv)
+
+computed in the graph as (group-summed q) . k, one mat mul over head_dim*n_head_kv.
+
+SparseK is skipped (the base mask is returned unchanged) when n_kv <= top_k + window; n_kv is the
+width of the graph's KV view (padded to a multiple of 256 by llama.cpp), so pass the whole
+captured mask / cache view, not just the used cells.
+
+The returned mask is ``base_mask`` where kept and -inf elsewhere (float32), so a kept key keeps its
+base value (0, or the ALiBi bias).
+
+Ties. The graph selects with ggml_top_k (CPU: std::partial_sort, no defined order among equal
+scores); this reference breaks ties by the lower cell index. Besides exact ties, the graph's scores
+differ from exact ones by rounding: the K cache is f16 (or quantized) and for an f16 cache the CPU
+mat mul rounds the group-summed q to f16 too (see ``round_f16``). A test that compares the kept
+sets should therefore only accept differences at the top-k boundary: use ``compare_kept``, which
+ignores candidates whose score lies within ``tol`` of the top_k-th best candidate score of the row.
+
+Capturing the inputs from llama.cpp with the eval callback (per layer il, KV-cache models):
+
+* ``Qcur-<il>``: Q after RoPE, f32 [head_dim, n_head, n_tokens] (models name it before build_attn;
+  a KV cache with Hadamard rotation (quantized K) rotates q and k by the same orthogonal matrix,
+  which leaves the scores unchanged up to rounding).
+* ``Kcur-<il>``: K after RoPE for the tokens of the current ubatch; the keys of earlier ubatches
+  are the ones captured before (the K cache holds them at cell = position for a single sequence
+  started at position 0).
+* ``sparsek_q-<il>``: the group-summed q, f32 [head_dim*n_head_kv, n_tokens/n_stream, n_stream].
+* ``sparsek_scores-<il>``: the scores, f32 [n_kv, n_tokens/n_stream, 1, n_stream], -inf at forced
+  and base-masked keys; its src[1] is the candidate input ``attn_inp_kq_mask_sk_cand``.
+* ``sparsek_top_k-<il>``: the selected indices, i32 [top_k, n_tokens/n_stream, 1, n_stream].
+* ``sparsek_mask-<il>``: the final mask (f16 with flash attention, f32 without), same shape as the
+  KQ mask; its src[1] is the base KQ mask ``attn_inp_kq_mask``.
+
+The SWA layers of iSWA models (e.g. gemma3) keep their own mask and have no sparsek_* tensors.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def n_forced_max(n_kv: int, window: int, stride: int) -> int:
+    n_strided = (n_kv + stride - 1) // stride if stride > 0 else 0
+    return min(n_kv, window + n_strided)
+
+
+def n_kv_max(n_kv: int, top_k: int, window: int, stride: int) -> int:
+    """The flash-attention hint: an upper bound of the finite entries in every mask row."""
+    return min(n_kv, top_k + n_forced_max(n_kv, window, stride))
+
+
+def sparsek_forced(
+    base_mask: np.ndarray,
+    positions_q: np.ndarray,
+    positions_k: np.ndarray,
+    window: int,
+    stride: int,
+) -> np.ndarray:
+    """Boolean (n_tokens, n_kv): the window/stride keys each query keeps (within its base mask)."""
+    allowed = np.isfinite(base_mask)
+    p1 = np.asarray(positions_q, dtype=np.int64)[:, None]
+    p0 = np.asarray(positions_k, dtype=np.int64)[None, :]
+    forced = (p0 <= p1) & (p1 - p0 < window)
+    if stride > 0:
+        forced = forced | (p0 % stride == 0)
+    forced = forced & allowed
+    # the per-row cap, counted in cell order
+    cap = n_forced_max(base_mask.shape[1], window, stride)
+    over = np.cumsum(forced, axis=1) > cap
+    res: np.ndarray = forced & ~over
+    return res
+
+
+def sparsek_scores(
+    q: np.ndarray,
+    k: np.ndarray,
+    round_f16: bool = False,
+) -> np.ndarray:
+    """(n_tokens, n_kv) float64 scores sum_h q_h . k_{h // n_gqa}, before any masking.
+
+    round_f16: round the group-summed q and k to float16 first, as the CPU mat mul does with an
+    f16 K cache (the closest emulation of the graph; it still sums in a different order).
+    """
+    n_tokens, n_head, head_dim = q.shape
+    n_kv, n_head_kv, head_dim_k = k.shape
+    if head_dim != head_dim_k or n_head % n_head_kv != 0:
+        raise ValueError(f"incompatible q {q.shape} and k {k.shape}")
+    n_gqa = n_head // n_head_kv
+    qs = (
+        q.astype(np.float32)
+        .reshape(n_tokens, n_head_kv, n_gqa, head_dim)
+        .sum(axis=2, dtype=np.float32)
+    )
+    ks = k.astype(np.float32)
+    if round_f16:
+        qs = qs.astype(np.float16)
+        ks = ks.astype(np.float16)
+    qd = qs.astype(np.float64).reshape(n_tokens, n_head_kv * head_dim)
+    kd = ks.astype(np.float64).reshape(n_kv, n_head_kv * head_dim)
+    res: np.ndarray = qd @ kd.T
+    return res
+
+
+def _candidate_scores(scores: np.ndarray, base_mask: np.ndarray, forced: np.ndarray) -> np.ndarray:
+    cand = np.isfinite(base_mask) & ~forced
+    return np.where(cand, scores, -np.inf)
+
+
+def sparsek_mask(
+    q: np.ndarray,
+    k: np.ndarray,
+    base_mask: np.ndarray,
+    positions_q: np.ndarray,
+    positions_k: np.ndarray,
+    top_k: int,
+    window: int,
+    stride: int,
+    round_f16: bool = False,
+) -> np.ndarray:
+    """The SparseK mask (n_tokens, n_kv) float32 of one layer; see the module doc for shapes."""
+    base_mask = np.asarray(base_mask, dtype=np.float32)
+    n_tokens, n_kv = base_mask.shape
+    if q.shape[0] != n_tokens or k.shape[0] != n_kv:
+        raise ValueError(f"q {q.shape} / k {k.shape} do not match base_mask {base_mask.shape}")
+    if len(positions_q) != n_tokens or len(positions_k) != n_kv:
+        raise ValueError("positions do not match base_mask")
+    if top_k <= 0:
+        raise ValueError("top_k must be > 0")
+
+    # nothing to drop
+    if n_kv <= top_k + window:
+        return base_mask.copy()
+
+    forced = sparsek_forced(base_mask, positions_q, positions_k, window, stride)
+    cand = _candidate_scores(sparsek_scores(q, k, round_f16), base_mask, forced)
+
+    # top_k best candidates per row; ties -> lower cell index (stable sort of -score)
+    order = np.argsort(-cand, axis=1, kind="stable")[:, :top_k]
+    picked = np.zeros_like(forced)
+    np.put_along_axis(picked, order, True, axis=1)
+    # picks beyond the number of candidates land on -inf entries: they are forced or masked
+    picked &= np.isfinite(cand)
+
+    kept = (forced | picked) & np.isfinite(base_mask)
+    return np.where(kept, base_mask, np.float32(-np.inf)).astype(np.float32)
+
+
+def compare_kept(
+    mask: np.ndarray,
+    mask_ref: np.ndarray,
+    scores: np.ndarray,
+    base_mask: np.ndarray,
+    forced: np.ndarray,
+    top_k: int,
+    tol: float,
+) -> list[tuple[int, int]]:
+    """(row, key) pairs where two SparseK masks keep different keys and the difference is not a
+    top-k boundary tie: a mismatch is tolerated only for a candidate whose score is within ``tol``
+    of the row's top_k-th best candidate score (``scores`` as from ``sparsek_scores``)."""
+    kept = np.isfinite(np.asarray(mask, dtype=np.float32))
+    kept_ref = np.isfinite(np.asarray(mask_ref, dtype=np.float32))
+    cand = _candidate_scores(scores, base_mask, forced)
+    bad = []
+    for i, j in zip(*np.nonzero(kept != kept_ref), strict=True):
+        row = cand[i]
+        n_cand = int(np.isfinite(row).sum())
+        if np.isfinite(row[j]) and n_cand > top_k:
+            kth = np.sort(row)[::-1][top_k - 1]
+            if abs(row[j] - kth) <= tol:
+                continue
+        bad.append((int(i), int(j)))
+    return bad

@@ -1,0 +1,269 @@
+"""The evaluation engine and `llama-sparsek eval`: grid parsing, perplexity against numpy,
+greedy decoding, agreement, llama-bench parsing, the corpus pins, and a --quick run end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from llama_sparsek import corpus
+from llama_sparsek.cli_eval import eval_command
+from llama_sparsek.evaluation import (
+    EvalConfig,
+    EvalError,
+    Setting,
+    agreement,
+    depth_for,
+    gguf_updates,
+    greedy,
+    parse_bench,
+    parse_grid,
+    parse_ints,
+    perplexity,
+    prompts,
+    windows,
+)
+from llama_sparsek.gguf import GGUFType
+from llama_sparsek.llama import Llama
+
+TEXT = " ".join(["the cat and the dog sat in the sun, and it is the end of it."] * 60)
+
+
+def _app() -> typer.Typer:
+    app = typer.Typer()
+    app.command("eval")(eval_command)
+    app.command("other")(lambda: None)  # two commands: `eval` stays a subcommand
+    return app
+
+
+# --------------------------------------------------------------------------- grid
+
+
+def test_parse_grid_reads_top_k_window_and_optional_block() -> None:
+    grid = parse_grid("256:128, 128:64:16")
+    assert grid == (Setting(256, 128), Setting(128, 64, 16))
+    assert [s.label for s in grid] == ["k256/w128", "k128/w64/b16"]
+    assert "llama.sparsek.block_size" not in grid[0].kv_overrides("llama")
+    assert grid[1].kv_overrides("qwen2") == {
+        "qwen2.sparsek.enable": True,
+        "qwen2.sparsek.top_k": 128,
+        "qwen2.sparsek.window": 64,
+        "qwen2.sparsek.stride": 0,
+        "qwen2.sparsek.block_size": 16,
+    }
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "",
+        " ",
+        "256",
+        "256:",
+        "256:x",
+        "0:128",
+        "256:-1",
+        "256:128:0",
+        "1:2:3:4",
+        "256:128,",
+        "256:128,256:128",
+    ],
+)
+def test_parse_grid_rejects_bad_input(bad: str) -> None:
+    with pytest.raises(ValueError, match="grid"):
+        parse_grid(bad)
+
+
+def test_parse_ints_takes_repeats_and_commas() -> None:
+    assert parse_ints(["2048", "4096,8192"], "--ctx") == (2048, 4096, 8192)
+    with pytest.raises(ValueError, match="--ctx"):
+        parse_ints(["2k"], "--ctx")
+
+
+def test_config_rejects_nonsense() -> None:
+    with pytest.raises(ValueError, match="windows"):
+        EvalConfig(windows=0)
+    with pytest.raises(ValueError, match="contexts"):
+        EvalConfig(contexts=(8,))
+    assert EvalConfig().n_ctx == 8192
+    assert EvalConfig.quick(prompt_tokens=400).n_ctx == 416
+
+
+# --------------------------------------------------------------------------- text slicing
+
+
+def test_windows_are_disjoint_and_start_with_bos() -> None:
+    tokens = list(range(10, 60))
+    got = windows(tokens, [1], 11, limit=3)
+    assert got == [[1, *range(10, 20)], [1, *range(20, 30)], [1, *range(30, 40)]]
+    assert len(windows(tokens, [], 11, limit=99)) == 4
+    with pytest.raises(EvalError, match="too short"):
+        windows(tokens, [1], 100, limit=1)
+
+
+def test_prompts_spread_over_the_text() -> None:
+    tokens = list(range(100))
+    got = prompts(tokens, [1], 11, 3)
+    assert [p[:2] for p in got] == [[1, 0], [1, 45], [1, 90]]
+    assert all(len(p) == 11 for p in got)
+    with pytest.raises(EvalError):
+        prompts(tokens, [1], 200, 2)
+
+
+def test_agreement_prefix_and_overall() -> None:
+    ref = [[1, 2, 3, 4], [5, 6, 7, 8]]
+    got = agreement(ref, [[1, 2, 9, 4], [5, 6, 7, 8]])
+    assert got.prefixes == [2, 4]
+    assert got.prefix == pytest.approx(100 * 6 / 8)
+    assert got.overall == pytest.approx(100 * 7 / 8)
+    with pytest.raises(ValueError):
+        agreement(ref, [[1, 2, 3]])
+
+
+def test_depth_for_picks_deepest_test_that_fits() -> None:
+    assert depth_for(8192, (0, 2048, 7168), 512) == 7168
+    assert depth_for(4096, (0, 2048, 7168), 512) == 2048
+    assert depth_for(2048, (0, 2048, 7168), 512) == 0
+    assert depth_for(100, (256, 512), 512) == 256
+
+
+# --------------------------------------------------------------------------- on the tiny model
+
+
+@pytest.fixture(scope="module")
+def tiny_llm(tiny_model: Path):  # type: ignore[no-untyped-def]
+    with Llama(tiny_model, n_ctx=512, n_batch=64, n_ubatch=64, n_threads=2) as llm:
+        yield llm
+
+
+def _numpy_logprobs(logits: np.ndarray, targets: list[int]) -> np.ndarray:
+    x = logits.astype(np.float64)
+    lse = np.logaddexp.reduce(x, axis=1)
+    return x[np.arange(len(targets)), targets] - lse
+
+
+def test_perplexity_matches_numpy_over_eval_logits(tiny_llm: Llama) -> None:
+    tokens = tiny_llm.tokenize(TEXT, add_special=False)
+    n_ctx = 200  # windows cross the 64-token batches at odd places
+    got = perplexity(tiny_llm, tokens, n_ctx, limit=3)
+    nll = []
+    for window in windows(tokens, tiny_llm.tokenize("", add_special=True), n_ctx, 3):
+        logits = tiny_llm.eval(window)
+        first = n_ctx // 2
+        nll.extend(-_numpy_logprobs(logits[first:-1], window[first + 1 :]))
+    assert got.windows == 3
+    assert got.scored == len(nll) == 3 * (n_ctx - 1 - n_ctx // 2)
+    assert got.nll == pytest.approx(float(np.mean(nll)), rel=1e-4)
+    assert got.ppl == pytest.approx(math.exp(float(np.mean(nll))), rel=1e-4)
+
+
+def test_greedy_is_the_argmax_of_a_full_eval(tiny_llm: Llama) -> None:
+    prompt = tiny_llm.tokenize("the cat and the dog")
+    out = greedy(tiny_llm, prompt, 5)
+    for i, token in enumerate(out):
+        assert int(np.argmax(tiny_llm.eval(prompt + out[:i])[-1])) == token
+
+
+# --------------------------------------------------------------------------- llama-bench, GGUF
+
+
+def test_parse_bench_names_tests_like_llama_bench() -> None:
+    records = [
+        {"n_prompt": 512, "n_gen": 0, "n_depth": 2048, "avg_ts": 100.5, "stddev_ts": 1.5},
+        {"n_prompt": 0, "n_gen": 128, "n_depth": 0, "avg_ts": 20.0, "stddev_ts": 0.0},
+    ]
+    speeds = parse_bench(json.dumps(records))
+    assert [(s.test, s.depth, s.tps) for s in speeds] == [
+        ("pp512", 2048, 100.5),
+        ("tg128", 0, 20.0),
+    ]
+    with pytest.raises(EvalError):
+        parse_bench("main: error")
+
+
+def test_gguf_updates_types_match_the_editor() -> None:
+    updates = gguf_updates(Setting(64, 32).kv_overrides("llama"))
+    assert updates["llama.sparsek.enable"] == (GGUFType.BOOL, True)
+    assert updates["llama.sparsek.top_k"] == (GGUFType.UINT32, 64)
+
+
+# --------------------------------------------------------------------------- the command
+
+
+def test_eval_quick_writes_json_table_and_plot(tiny_model: Path, tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT)
+    out = tmp_path / "out"
+    args = ["eval", "--quick", "-m", str(tiny_model), "--text", str(text), "--grid", "64:32"]
+    args += ["--threads", "2", "--depths", "0", "--out", str(out), "--no-progress"]
+    result = CliRunner().invoke(_app(), args)
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "results.json").read_text())
+    (model,) = report["models"]
+    assert [v["label"] for v in model["variants"]] == ["dense", "k64/w32"]
+    dense, sparse = model["variants"]
+    assert [p["ctx"] for p in dense["perplexity"]] == [256]
+    assert dense["agreement"] is None and sparse["agreement"]["gen_tokens"] == 16
+    assert {(s["test"], s["depth"]) for s in sparse["speed"]} == {("pp64", 0), ("tg8", 0)}
+    assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| k64/w32 |" in (out / "results.md").read_text()
+    assert "| setting |" in result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--grid", "256"], "grid"),
+        (["--ctx", "big"], "--ctx"),
+        (["--text", "/nonexistent/text.txt"], "nonexistent"),
+    ],
+)
+def test_eval_bad_input_is_exit_2(args: list[str], message: str, tmp_path: Path) -> None:
+    result = CliRunner().invoke(_app(), ["eval", "--out", str(tmp_path), *args])
+    assert result.exit_code == 2
+    assert message in result.output
+
+
+# --------------------------------------------------------------------------- corpus
+
+
+def test_clean_unwraps_prose_and_drops_scaffolding() -> None:
+    raw = "## Title\n### START: x ###\np.772:0\n\nOne line\nwrapped here.\n\n[Youth]\n\nNext."
+    assert corpus.clean(raw, prose=True) == "One line wrapped here.\n\n[Youth]\n\nNext."
+    assert (
+        corpus.clean("Of Mans First\nDisobedience\n", prose=False) == "Of Mans First\nDisobedience"
+    )
+
+
+def test_corpus_refuses_a_tampered_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LLAMA_SPARSEK_HOME", str(tmp_path))
+    spec = corpus.spec("paradise-lost")
+    cached = corpus._cached(spec.package, spec.sources[0])
+    cached.parent.mkdir(parents=True)
+    cached.write_text("not Milton")
+    with pytest.raises(corpus.CorpusError, match="corrupt"):
+        corpus.load_text("paradise-lost")
+    with pytest.raises(corpus.CorpusError, match="does not match the pin"):
+        corpus._store(spec.package, spec.sources[0], b"not Milton either")
+    with pytest.raises(ValueError, match="unknown corpus"):
+        corpus.load_text("wikitext")
+
+
+def test_default_corpus_is_long_real_text() -> None:
+    if os.environ.get("LLAMA_SPARSEK_OFFLINE") == "1" and not all(
+        corpus._cached(corpus.spec(corpus.DEFAULT_CORPUS).package, s).exists()
+        for s in corpus.spec(corpus.DEFAULT_CORPUS).sources
+    ):
+        pytest.skip("the corpus is not cached and LLAMA_SPARSEK_OFFLINE=1")
+    text = corpus.load_text()
+    assert len(text) > 350_000
+    assert text.startswith("Shakespeare, William (1564--1616), English poet")
+    assert "AREOPAGITICA" in text

@@ -1,0 +1,225 @@
+"""SparseK in llama.cpp's graph, checked through the binding against independent references.
+
+References: dense attention (the same model with SparseK off), a numpy recomputation of the mask
+from the Q and K that llama.cpp itself captured (tests/sparsek_reference.py), and upstream's
+llama-perplexity with one sequence per batch vs several.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import sparsek_reference as ref
+
+from llama_sparsek import Llama, SparseK, gguf, models, tools
+from llama_sparsek._binding import LlamaError
+
+N_KV_PAD = 256  # llama.cpp pads the KV view of a unified cache to a multiple of 256 cells
+
+
+@functools.cache
+def graph_patch_present(tiny: Path) -> bool:
+    """The patched graph validates SparseK settings at load; upstream ignores unknown keys."""
+    try:
+        Llama(tiny, n_ctx=64, n_threads=1, kv_overrides={"llama.sparsek.enable": True}).close()
+    except LlamaError:
+        return True
+    return False
+
+
+@pytest.fixture(autouse=True)
+def _needs_graph_patch(tiny_model: Path) -> None:
+    if not graph_patch_present(tiny_model):
+        pytest.skip("the installed llama.cpp lacks the SparseK graph patch")
+
+
+def _tokens(n: int, seed: int = 0) -> list[int]:
+    rng = np.random.default_rng(seed)
+    return [1, *rng.integers(3, 300, size=n - 1).tolist()]
+
+
+# ---------------------------------------------------------------- dense equivalence
+
+
+@pytest.mark.parametrize("flash_attn", [True, False])
+@pytest.mark.parametrize("cache", ["f16", "q8_0"])
+def test_keeping_every_allowed_key_equals_dense(
+    tiny_model: Path, flash_attn: bool, cache: str
+) -> None:
+    """top_k >= the allowed keys of every row: the sparse mask equals the causal one."""
+    tokens = _tokens(200)
+    # n_kv is 256 > top_k + window, so the SparseK graph really runs; every row allows <= 200 keys
+    # llama.cpp quantizes the V cache only with flash attention
+    opts = {
+        "n_ctx": 512,
+        "n_threads": 2,
+        "flash_attn": flash_attn,
+        "type_k": cache,
+        "type_v": cache if flash_attn else "f16",
+    }
+    with Llama(tiny_model, **opts) as dense:  # type: ignore[arg-type]
+        want = dense.eval(tokens)
+    with Llama(tiny_model, sparsek=SparseK(top_k=200, window=0), **opts) as sparse:  # type: ignore[arg-type]
+        got = sparse.eval(tokens)
+    np.testing.assert_allclose(got, want, atol=2e-3, rtol=1e-3)
+
+
+def test_smollm2_large_k_equals_dense(smollm2_path: Path) -> None:
+    with Llama(smollm2_path, n_ctx=1024, n_threads=2) as dense:
+        toks = dense.tokenize("The history of the Roman Empire spans many centuries. " * 40)[:400]
+        want = dense.eval(toks)
+    with Llama(smollm2_path, n_ctx=1024, n_threads=2, sparsek=SparseK(top_k=400, window=0)) as sk:
+        got = sk.eval(toks)
+    np.testing.assert_allclose(got, want, atol=5e-3, rtol=1e-3)
+
+
+# ---------------------------------------------------------------- the mask, recomputed in numpy
+
+
+@pytest.mark.parametrize(("top_k", "window", "stride"), [(16, 8, 0), (8, 4, 32), (1, 0, 0)])
+def test_mask_matches_numpy_reference(
+    tiny_model: Path, top_k: int, window: int, stride: int
+) -> None:
+    captured: dict[str, np.ndarray] = {}
+    wanted = {"Qcur-0", "Kcur-0", "sparsek_mask-0", "Qcur-1", "Kcur-1", "sparsek_mask-1"}
+
+    def cb(name: str, array: np.ndarray | None) -> bool:
+        if array is None:
+            return name in wanted
+        captured[name] = array
+        return True
+
+    n = 200
+    tokens = _tokens(n, seed=3)
+    settings = SparseK(top_k=top_k, window=window, stride=stride)
+    with Llama(tiny_model, n_ctx=512, n_threads=2, sparsek=settings, cb_eval=cb) as llm:
+        llm.eval(tokens)
+    assert wanted <= captured.keys(), sorted(captured)
+
+    positions = np.arange(N_KV_PAD)
+    # causal mask of one sequence starting at 0; cells past the prompt are empty
+    base = np.where(positions[None, :] <= positions[:n, None], 0.0, -np.inf).astype(np.float32)
+    for il in (0, 1):
+        q = captured[f"Qcur-{il}"].reshape(n, -1, captured[f"Qcur-{il}"].shape[-1])
+        k_new = captured[f"Kcur-{il}"].reshape(n, -1, captured[f"Kcur-{il}"].shape[-1])
+        k = np.zeros((N_KV_PAD, *k_new.shape[1:]), dtype=np.float32)
+        k[:n] = k_new
+        mask = captured[f"sparsek_mask-{il}"].reshape(-1, N_KV_PAD)[:n]
+        assert mask.shape == (n, N_KV_PAD)
+        expected = ref.sparsek_mask(
+            q, k, base, positions[:n], positions, top_k, window, stride, round_f16=True
+        )
+        scores = ref.sparsek_scores(q, k, round_f16=True)
+        forced = ref.sparsek_forced(base, positions[:n], positions, window, stride)
+        bad = ref.compare_kept(mask, expected, scores, base, forced, top_k, tol=1e-2)
+        assert bad == [], f"layer {il}: {len(bad)} keys differ, first {bad[:5]}"
+        kept = np.isfinite(mask).sum(axis=1)
+        assert kept.max() <= ref.n_kv_max(N_KV_PAD, top_k, window, stride)
+        assert (kept >= 1).all()  # every query keeps at least one key
+
+
+# ---------------------------------------------------------------- behaviour on the real model
+
+
+def test_small_k_changes_output_deterministically(smollm2_path: Path) -> None:
+    prompt = "Alice was beginning to get very tired of sitting by her sister on the bank. " * 40
+    with Llama(smollm2_path, n_ctx=2048, n_threads=2) as dense:
+        toks = dense.tokenize(prompt)
+        assert len(toks) > 2 * N_KV_PAD
+        want = dense.eval(toks)
+    runs = []
+    for _ in range(2):
+        with Llama(
+            smollm2_path, n_ctx=2048, n_threads=2, sparsek=SparseK(top_k=16, window=8)
+        ) as sk:
+            runs.append(sk.eval(toks))
+    np.testing.assert_array_equal(runs[0], runs[1])
+    assert np.abs(runs[0] - want).max() > 1e-2
+
+
+def test_gguf_set_file_is_picked_up(smollm2_path: Path, tmp_path: Path) -> None:
+    """Settings injected into the file act exactly like the same kv_overrides."""
+    edited = tmp_path / "smollm2-sparsek.gguf"
+    gguf.set_sparsek(smollm2_path, top_k=32, window=16, stride=0, enable=True, out=edited)
+    text = "The quick brown fox jumps over the lazy dog. " * 40
+    with Llama(edited, n_ctx=1024, n_threads=2) as from_file:
+        toks = from_file.tokenize(text)
+        got = from_file.eval(toks)
+    with Llama(smollm2_path, n_ctx=1024, n_threads=2, sparsek=SparseK(32, 16, 0)) as overridden:
+        want = overridden.eval(toks)
+    with Llama(smollm2_path, n_ctx=1024, n_threads=2) as dense:
+        dense_logits = dense.eval(toks)
+    np.testing.assert_array_equal(got, want)
+    assert np.abs(got - dense_logits).max() > 1e-2
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"llama.sparsek.enable": True, "llama.sparsek.top_k": 0}, "top_k"),
+        ({"llama.sparsek.enable": True, "llama.sparsek.top_k": -5}, "top_k"),
+    ],
+)
+def test_invalid_values_fail_the_load(
+    tiny_model: Path, overrides: dict[str, object], message: str
+) -> None:
+    with pytest.raises(LlamaError, match=message):
+        Llama(tiny_model, n_ctx=64, n_threads=1, kv_overrides=overrides)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("name", list(models.REGISTRY))
+def test_registry_model_generates_with_sparsek(registry_model, name: str) -> None:  # type: ignore[no-untyped-def]
+    path = registry_model(name)
+    prompt = "Write a short story about a robot who learns to paint. " * 50
+    with Llama(path, n_ctx=2048, n_threads=2, sparsek=SparseK(top_k=32, window=32)) as llm:
+        assert len(llm.tokenize(prompt)) > 2 * N_KV_PAD  # SparseK really drops keys
+        text = llm.generate(prompt, 8)
+    assert text.strip()
+
+
+def test_sequences_in_one_batch_stay_apart(smollm2_path: Path, tmp_path: Path) -> None:
+    """llama-perplexity packs several sequences per batch: the result must not depend on it."""
+    corpus = tmp_path / "text.txt"
+    corpus.write_text(
+        " ".join(f"Sentence number {i} talks about topic {i % 17}." for i in range(700))
+    )
+    sk = [
+        "--override-kv",
+        "llama.sparsek.enable=bool:true",
+        "--override-kv",
+        "llama.sparsek.top_k=int:24",
+        "--override-kv",
+        "llama.sparsek.window=int:8",
+    ]
+
+    def ppl(batch: int) -> str:
+        cmd = [
+            str(tools.tool_path("llama-perplexity")),
+            "-m",
+            str(smollm2_path),
+            "-f",
+            str(corpus),
+            "-c",
+            "512",
+            "-b",
+            str(batch),
+            "--chunks",
+            "4",
+            "-t",
+            "2",
+            "-fa",
+            "on",
+            *sk,
+        ]
+        proc = subprocess.run(cmd, text=True, capture_output=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        found = re.search(r"Final estimate: PPL = ([0-9.]+)", proc.stdout + proc.stderr)
+        assert found, proc.stderr[-2000:]
+        return found.group(1)
+
+    assert ppl(512) == ppl(2048)
