@@ -11,6 +11,8 @@ KEY_TOP_K = "top_k"
 KEY_WINDOW = "window"
 KEY_STRIDE = "stride"
 KEY_SUFFIXES = (KEY_ENABLE, KEY_TOP_K, KEY_WINDOW, KEY_STRIDE)
+# the largest value the patched llama.cpp accepts (INT32_MAX/4: sums of them stay in int32)
+MAX_VALUE = (2**31 - 1) // 4
 
 
 def sparsek_key(arch: str, suffix: str) -> str:
@@ -56,8 +58,8 @@ def validate(top_k: int, window: int, stride: int) -> None:
     for name, value in (("top_k", top_k), ("window", window), ("stride", stride)):
         if isinstance(value, bool) or not isinstance(value, int):
             raise ValueError(f"SparseK {name} must be an int, got {value!r}")
-        if value > 0xFFFFFFFF:
-            raise ValueError(f"SparseK {name} must fit in 32 bits, got {value}")
+        if value > MAX_VALUE:
+            raise ValueError(f"SparseK {name} must be <= {MAX_VALUE}, got {value}")
     if top_k < 1:
         raise ValueError(f"SparseK top_k must be >= 1, got {top_k}")
     if window < 0:

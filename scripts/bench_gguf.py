@@ -166,14 +166,19 @@ def resolve_model(model: str | None) -> Path:
 def report(src: Path, results: list[Result]) -> None:
     by_name = {r.name: r for r in results}
     cp = by_name["cp"].wall_s
+    cp_sync = by_name["cp + sync"].wall_s
     print(f"\n{src} ({src.stat().st_size / MiB:.1f} MiB)\n")
-    print(f"{'':24} {'wall s':>9} {'x cp':>8} {'peak RSS MiB':>13}")
+    print(f"{'':24} {'wall s':>9} {'x cp':>8} {'x cp+sync':>10} {'peak RSS MiB':>13}")
     for r in results:
         peak = "-" if r.peak_rss_mib is None else f"{r.peak_rss_mib:.1f}"
-        print(f"{r.name:24} {r.wall_s:9.3f} {r.wall_s / cp:8.2f} {peak:>13}")
+        ratios = f"{r.wall_s / cp:8.2f} {r.wall_s / cp_sync:10.2f}"
+        print(f"{r.name:24} {r.wall_s:9.3f} {ratios} {peak:>13}")
     print()
+    # both baselines: plain cp leaves its data in the page cache, the rewrite is durable (fsync)
     for name in (REWRITE_CLI, REWRITE_API):
-        verdict(by_name[name].wall_s <= TARGET_RATIO * cp, f"{name} within {TARGET_RATIO}x of cp")
+        wall = by_name[name].wall_s
+        verdict(wall <= TARGET_RATIO * cp, f"{name} within {TARGET_RATIO}x of cp")
+        verdict(wall <= TARGET_RATIO * cp_sync, f"{name} within {TARGET_RATIO}x of cp + sync")
     rss = by_name[REWRITE_CLI].peak_rss_mib or 0.0
     verdict(rss < TARGET_RSS_MIB, f"{REWRITE_CLI} under {TARGET_RSS_MIB} MiB peak RSS")
     api = by_name[IN_PLACE_API].wall_s

@@ -243,7 +243,15 @@ def test_invalid_options_raise_before_loading(tiny_model: Path, kwargs: dict[str
 
 
 @pytest.mark.parametrize(
-    "kwargs", [{"top_k": 0}, {"window": -1}, {"stride": -2}, {"top_k": 1.5}, {"top_k": True}]
+    "kwargs",
+    [
+        {"top_k": 0},
+        {"window": -1},
+        {"stride": -2},
+        {"top_k": 1.5},
+        {"top_k": True},
+        {"top_k": 2**29},
+    ],
 )
 def test_invalid_sparsek_values(kwargs: dict[str, object]) -> None:
     with pytest.raises(ValueError):

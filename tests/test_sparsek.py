@@ -69,11 +69,14 @@ def test_keeping_every_allowed_key_equals_dense(
     np.testing.assert_allclose(got, want, atol=2e-3, rtol=1e-3)
 
 
-def test_smollm2_large_k_equals_dense(smollm2_path: Path) -> None:
-    with Llama(smollm2_path, n_ctx=1024, n_threads=2) as dense:
+@pytest.mark.parametrize("flash_attn", [True, False])
+def test_smollm2_large_k_equals_dense(smollm2_path: Path, flash_attn: bool) -> None:
+    opts = {"n_ctx": 1024, "n_threads": 2, "flash_attn": flash_attn}
+    with Llama(smollm2_path, **opts) as dense:  # type: ignore[arg-type]
         toks = dense.tokenize("The history of the Roman Empire spans many centuries. " * 40)[:400]
         want = dense.eval(toks)
-    with Llama(smollm2_path, n_ctx=1024, n_threads=2, sparsek=SparseK(top_k=400, window=0)) as sk:
+    # n_kv (512) > top_k + window: the SparseK graph runs, and keeps every causal key
+    with Llama(smollm2_path, sparsek=SparseK(top_k=400, window=0), **opts) as sk:  # type: ignore[arg-type]
         got = sk.eval(toks)
     np.testing.assert_allclose(got, want, atol=5e-3, rtol=1e-3)
 

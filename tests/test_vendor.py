@@ -99,3 +99,17 @@ def test_series_applies_to_a_pristine_tree(tmp_path: Path) -> None:
     )
     ours = vendor.git(TREE, "rev-parse", "HEAD^{tree}").stdout
     assert vendor.git(dest, "rev-parse", "HEAD^{tree}").stdout == ours
+
+
+def test_offline_checkout_must_be_the_pinned_commit(tmp_path: Path) -> None:
+    """LLAMA_SPARSEK_LLAMA_CPP_DIR pointing at another commit is refused, naming both."""
+    other = tmp_path / "checkout"
+    other.mkdir()
+    (other / "README.md").write_text("not llama.cpp\n")
+    vendor.git(other, "init", "--quiet")
+    vendor.git(other, "add", "README.md")
+    vendor.git(other, "commit", "--quiet", "-m", "x")
+    head = vendor.git(other, "rev-parse", "HEAD").stdout.strip()
+    with pytest.raises(vendor.VendorError, match=head) as err:
+        vendor.export_checkout(vendor.load_pin(), other, tmp_path / "dest")
+    assert vendor.load_pin().commit in str(err.value)
