@@ -68,10 +68,7 @@ def _positive(name: str, value: int | None) -> None:
 
 @ffi.def_extern()  # type: ignore[untyped-decorator]
 def _llama_sparsek_eval(tensor: Any, ask: bool, user_data: Any) -> bool:
-    llama: Llama = ffi.from_handle(user_data)
-    callback = llama._cb_eval
-    if callback is None:
-        return False
+    callback: EvalCallback = ffi.from_handle(user_data)
     name = ffi.string(tensor.name).decode()
     if ask:
         return bool(callback(name, None))
@@ -150,8 +147,8 @@ class Llama:
             raise _binding.fail(f"llama.cpp could not load {path}")
         self._model = ffi.gc(model, lib.llama_model_free)
 
-        self._cb_eval = cb_eval
-        self._handle = ffi.new_handle(self)
+        # the handle refers to the callback, not to self: no reference cycle through C
+        self._cb_eval = None if cb_eval is None else ffi.new_handle(cb_eval)
         cparams = lib.llama_context_default_params()
         cparams.n_ctx = n_ctx
         cparams.n_batch = n_batch
@@ -165,9 +162,9 @@ class Llama:
         cparams.type_k = _CACHE_TYPES[type_k]
         cparams.type_v = _CACHE_TYPES[type_v]
         cparams.no_perf = True
-        if cb_eval is not None:
+        if self._cb_eval is not None:
             cparams.cb_eval = lib._llama_sparsek_eval
-            cparams.cb_eval_user_data = self._handle
+            cparams.cb_eval_user_data = self._cb_eval
         ctx = lib.llama_init_from_model(self._model, cparams)
         if ctx == ffi.NULL:
             ffi.release(self._model)

@@ -280,3 +280,18 @@ def test_closed_model_refuses_work(tiny_model: Path) -> None:
     m.close()
     with pytest.raises(ValueError, match="closed"):
         m.generate("the", 2)
+
+
+def test_dropped_model_is_freed_without_the_cycle_collector(tiny_model: Path) -> None:
+    """No reference cycle through the C callback handle: refcounting alone frees a Llama."""
+    import weakref
+
+    gc.disable()
+    try:
+        for cb in (None, lambda name, array: False):
+            llm = Llama(tiny_model, n_ctx=64, n_threads=1, cb_eval=cb)
+            ref = weakref.ref(llm)
+            del llm
+            assert ref() is None
+    finally:
+        gc.enable()
