@@ -7,12 +7,13 @@ import logging
 import os
 import platform
 import sys
+from dataclasses import replace
 from typing import Annotated
 
 import typer
 
 from llama_sparsek import models, tools
-from llama_sparsek.sparsek import SparseK, recommended
+from llama_sparsek.sparsek import recommended
 
 app = typer.Typer(
     help="SparseK attention for llama.cpp.", no_args_is_help=True, pretty_exceptions_enable=False
@@ -75,12 +76,8 @@ def generate(
     try:
         settings = None
         if sparsek:
-            base = recommended()
-            settings = SparseK(
-                top_k=base.top_k if top_k is None else top_k,
-                window=base.window if window is None else window,
-                stride=base.stride if stride is None else stride,
-            )
+            given = {"top_k": top_k, "window": window, "stride": stride}
+            settings = replace(recommended(), **{k: v for k, v in given.items() if v is not None})
         elif (top_k, window, stride) != (None, None, None):
             raise ValueError("--top-k/--window/--stride need --sparsek")
         path = models.resolve(model)

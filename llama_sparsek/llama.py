@@ -174,6 +174,8 @@ class Llama:
         self._vocab = lib.llama_model_get_vocab(self._model)
         self.n_ctx = int(lib.llama_n_ctx(self._ctx))
         self.n_batch = n_batch
+        # one batch for the Llama's lifetime: decoding token by token must not allocate per token
+        self._batch = ffi.gc(lib.llama_batch_init(n_batch, 0, 1), lib.llama_batch_free)
         self.n_vocab = int(lib.llama_vocab_n_tokens(self._vocab))
         self.model_path = path
         self._n_past = 0
@@ -183,9 +185,10 @@ class Llama:
     def close(self) -> None:
         """Free the context and the model now (idempotent)."""
         if getattr(self, "_ctx", None) is not None:
+            ffi.release(self._batch)
             ffi.release(self._ctx)
             ffi.release(self._model)
-            self._ctx = self._model = None
+            self._ctx = self._model = self._batch = None
 
     def __enter__(self) -> Llama:
         return self
@@ -265,7 +268,7 @@ class Llama:
             raise ValueError(
                 f"{self._n_past + len(tokens)} tokens do not fit the context of {self.n_ctx}"
             )
-        batch = ffi.gc(lib.llama_batch_init(self.n_batch, 0, 1), lib.llama_batch_free)
+        batch = self._batch
         chunk_logits = []
         for start in range(0, len(tokens), self.n_batch):
             chunk = tokens[start : start + self.n_batch]
