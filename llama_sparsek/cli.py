@@ -68,6 +68,9 @@ def generate(
     ] = None,
     window: Annotated[int | None, typer.Option(help="SparseK local window.")] = None,
     stride: Annotated[int | None, typer.Option(help="SparseK global stride (0 = none).")] = None,
+    block_size: Annotated[
+        int | None, typer.Option("--block-size", help="SparseK block size (1 = single keys).")
+    ] = None,
 ) -> None:
     """Generate text, streaming it to stdout."""
     from llama_sparsek._binding import LlamaError
@@ -76,10 +79,10 @@ def generate(
     try:
         settings = None
         if sparsek:
-            given = {"top_k": top_k, "window": window, "stride": stride}
+            given = {"top_k": top_k, "window": window, "stride": stride, "block_size": block_size}
             settings = replace(recommended(), **{k: v for k, v in given.items() if v is not None})
-        elif (top_k, window, stride) != (None, None, None):
-            raise ValueError("--top-k/--window/--stride need --sparsek")
+        elif (top_k, window, stride, block_size) != (None, None, None, None):
+            raise ValueError("--top-k/--window/--stride/--block-size need --sparsek")
         path = models.resolve(model)
         with Llama(path, n_ctx=ctx, n_threads=threads, sparsek=settings, seed=seed) as llm:
             for piece in llm.stream(prompt, n, temperature=temp, seed=seed):

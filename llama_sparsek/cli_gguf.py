@@ -95,6 +95,10 @@ def set_(
     top_k: Annotated[int | None, typer.Option("--top-k", help="Keys each query keeps.")] = None,
     window: Annotated[int | None, typer.Option(help="Local window always kept.")] = None,
     stride: Annotated[int | None, typer.Option(help="Keep every stride-th key (0: off).")] = None,
+    block_size: Annotated[
+        int | None,
+        typer.Option("--block-size", help="Select blocks of this many keys (1: single keys)."),
+    ] = None,
     enable: Annotated[
         bool | None,
         typer.Option(
@@ -120,9 +124,15 @@ def set_(
     with _errors():
         info = read_metadata(file)
         updates: dict[str, Update] = {}
-        if (top_k, window, stride, enable) != (None, None, None, None):
+        given = (top_k, window, stride, block_size, enable)
+        if any(v is not None for v in given):
             updates = sparsek_updates(
-                info, top_k=top_k, window=window, stride=stride, enable=enable
+                info,
+                top_k=top_k,
+                window=window,
+                stride=stride,
+                block_size=block_size,
+                enable=enable,
             )
         for spec in kv or ():
             key, update = parse_kv_override(spec, info)
@@ -130,7 +140,9 @@ def set_(
                 raise GGUFError(f"key {key!r} is given twice")
             updates[key] = update
         if not updates:
-            raise GGUFError("nothing to set: give --top-k, --window, --stride, --enable, --kv")
+            raise GGUFError(
+                "nothing to set: give --top-k, --window, --stride, --block-size, --enable, --kv"
+            )
         result = edit_metadata(info, updates, out=out, in_place=in_place, dry_run=dry_run)
     _report(result)
 

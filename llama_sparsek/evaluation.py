@@ -33,8 +33,6 @@ from llama_sparsek.gguf import GGUFType, read_metadata, set_metadata
 from llama_sparsek.llama import KvValue, Llama
 from llama_sparsek.sparsek import SparseK
 
-# A future key: 1 = exact token top-k; B > 1 = keep the top_k/B best blocks of B keys.
-KEY_BLOCK_SIZE = "block_size"
 DEFAULT_GRID = "512:128,256:128,128:64"
 DENSE = "dense"
 
@@ -48,38 +46,30 @@ class EvalError(RuntimeError):
 
 @dataclass(frozen=True)
 class Setting:
-    """One SparseK point of the grid; block_size None writes no block-size key at all."""
+    """One SparseK point of the grid."""
 
     top_k: int
     window: int
-    block_size: int | None = None
+    block_size: int = 1
     stride: int = 0
 
     def __post_init__(self) -> None:
-        self.sparsek  # noqa: B018 -- SparseK validates top_k/window/stride
-        if self.block_size is not None and (
-            isinstance(self.block_size, bool)
-            or not isinstance(self.block_size, int)
-            or not 1 <= self.block_size <= 0xFFFFFFFF
-        ):
-            raise ValueError(f"block size must be a positive 32-bit int, got {self.block_size!r}")
+        self.sparsek  # noqa: B018 -- SparseK validates the values
 
     @property
     def sparsek(self) -> SparseK:
-        return SparseK(top_k=self.top_k, window=self.window, stride=self.stride)
+        return SparseK(
+            top_k=self.top_k, window=self.window, stride=self.stride, block_size=self.block_size
+        )
 
     @property
     def label(self) -> str:
-        block = "" if self.block_size is None else f"/b{self.block_size}"
         stride = "" if self.stride == 0 else f"/s{self.stride}"
-        return f"k{self.top_k}/w{self.window}{block}{stride}"
+        return f"k{self.top_k}/w{self.window}/b{self.block_size}{stride}"
 
     def kv_overrides(self, arch: str) -> dict[str, KvValue]:
-        """The `<arch>.sparsek.*` keys for this setting (block_size only when given)."""
-        overrides: dict[str, KvValue] = dict(self.sparsek.kv_overrides(arch))
-        if self.block_size is not None:
-            overrides[f"{arch}.sparsek.{KEY_BLOCK_SIZE}"] = self.block_size
-        return overrides
+        """The `<arch>.sparsek.*` keys for this setting."""
+        return dict(self.sparsek.kv_overrides(arch))
 
 
 def parse_grid(text: str) -> tuple[Setting, ...]:

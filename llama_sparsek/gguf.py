@@ -34,12 +34,13 @@ import stat
 import struct
 import tempfile
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from enum import IntEnum
 from pathlib import Path
 from typing import Literal, NamedTuple, TypeAlias
 
 from llama_sparsek.sparsek import (
+    KEY_BLOCK_SIZE,
     KEY_ENABLE,
     KEY_STRIDE,
     KEY_SUFFIXES,
@@ -48,6 +49,8 @@ from llama_sparsek.sparsek import (
     is_sparsek_key,
     recommended,
     sparsek_key,
+    validate_block_size,
+    validate_value,
 )
 
 MAGIC = b"GGUF"
@@ -630,6 +633,7 @@ def set_sparsek(
     top_k: int | None = None,
     window: int | None = None,
     stride: int | None = None,
+    block_size: int | None = None,
     enable: bool | None = None,
     out: str | os.PathLike[str] | None = None,
     in_place: bool = False,
@@ -637,7 +641,9 @@ def set_sparsek(
 ) -> EditResult:
     """Write `<arch>.sparsek.*` keys; `enable=True` alone writes the recommended settings."""
     info = read_metadata(path)
-    updates = sparsek_updates(info, top_k=top_k, window=window, stride=stride, enable=enable)
+    updates = sparsek_updates(
+        info, top_k=top_k, window=window, stride=stride, block_size=block_size, enable=enable
+    )
     return edit_metadata(info, updates, out=out, in_place=in_place, dry_run=dry_run)
 
 
@@ -662,18 +668,29 @@ def sparsek_updates(
     top_k: int | None = None,
     window: int | None = None,
     stride: int | None = None,
+    block_size: int | None = None,
     enable: bool | None = None,
 ) -> dict[str, Update]:
     """The updates that write the given SparseK settings under the file's architecture.
 
     `enable=True` with no other setting means "turn it on with the project's defaults", so all
-    four keys are written from `recommended(arch)`.
+    keys are written from `recommended(arch)`.
     """
     arch = info.require_arch()
-    settings = {KEY_TOP_K: top_k, KEY_WINDOW: window, KEY_STRIDE: stride}
+    settings = {
+        KEY_TOP_K: top_k,
+        KEY_WINDOW: window,
+        KEY_STRIDE: stride,
+        KEY_BLOCK_SIZE: block_size,
+    }
     if enable is True and all(v is None for v in settings.values()):
         rec = recommended(arch)
-        settings = {KEY_TOP_K: rec.top_k, KEY_WINDOW: rec.window, KEY_STRIDE: rec.stride}
+        settings = {
+            KEY_TOP_K: rec.top_k,
+            KEY_WINDOW: rec.window,
+            KEY_STRIDE: rec.stride,
+            KEY_BLOCK_SIZE: rec.block_size,
+        }
     updates: dict[str, Update] = {}
     if enable is not None:
         updates[sparsek_key(arch, KEY_ENABLE)] = (GGUFType.BOOL, enable)
@@ -681,7 +698,7 @@ def sparsek_updates(
         if value is not None:
             updates[sparsek_key(arch, suffix)] = (GGUFType.UINT32, value)
     if not updates:
-        raise GGUFError("nothing to set: give top_k, window, stride or enable")
+        raise GGUFError("nothing to set: give top_k, window, stride, block_size or enable")
     return updates
 
 
@@ -851,6 +868,7 @@ def _apply(
         if old is None or old.raw != new.raw:
             fields[key] = new
             changes.append(Change(key, old, new))
+    _check_sparsek_blocks(fields)
     if _alignment(fields) != info.alignment:
         raise GGUFError(
             f"{ALIGNMENT_KEY} cannot change: the tensor data is laid out "
@@ -869,9 +887,26 @@ def _check_sparsek(key: str, type_: GGUFType, value: Value) -> None:
         raise GGUFError(f"{key} must be {expected.name}, not {type_.name}")
     if suffix != KEY_ENABLE and isinstance(value, int):  # other values fail in make_field
         try:
-            replace(recommended(), **{suffix: value})  # SparseK validates in __post_init__
+            validate_value(suffix, value)
         except ValueError as e:
             raise GGUFError(str(e)) from None
+
+
+def _check_sparsek_blocks(fields: Mapping[str, Field]) -> None:
+    """llama.cpp refuses a block size that does not divide top_k or exceeds the window: refuse
+    to write such a top_k, window and block size (a file without one of them is left to the
+    load, which fails on a missing top_k anyway)."""
+    prefixes = {key.rsplit(".", 1)[0] for key in fields if is_sparsek_key(key)}
+    for prefix in prefixes:
+        got = [fields.get(f"{prefix}.{s}") for s in (KEY_TOP_K, KEY_WINDOW, KEY_BLOCK_SIZE)]
+        if any(kv is None for kv in got):
+            continue
+        k, w, b = (kv.value for kv in got if kv is not None)
+        if isinstance(k, int) and isinstance(w, int) and isinstance(b, int) and b > 1:
+            try:
+                validate_block_size(k, w, b)
+            except ValueError as e:
+                raise GGUFError(str(e)) from None
 
 
 def _plan_patch(info: GGUFInfo, header: bytes) -> tuple[int, bytes] | None:

@@ -16,7 +16,9 @@ Semantics. For the query token at position p the kept keys are the keys its base
 
 * the local window: positions p-window+1 .. p,
 * the strided keys (stride > 0): positions divisible by stride,
-* the ``top_k`` best-scoring remaining keys (allowed and not already forced).
+* block_size 1: the ``top_k`` best-scoring remaining keys (allowed and not already forced);
+  block_size B > 1: the keys of the ``top_k // B`` best-scoring candidate blocks of B consecutive
+  cells (see ``block_scores`` and ``candidate_blocks``).
 
 Forced (window/stride) keys are counted per row in cell order and capped at
 ``n_forced_max = min(n_kv, window + ceil(n_kv/stride))`` (``window`` if stride == 0); the cap only
@@ -30,12 +32,16 @@ The score of key j for query token i is shared by all heads:
 
 computed in the graph as (group-summed q) . k, one mat mul over head_dim*n_head_kv.
 
-SparseK is skipped (the base mask is returned unchanged) when n_kv <= top_k + window; n_kv is the
+SparseK is skipped (the base mask is returned unchanged) when the mask may keep half of the keys or
+more (2 * n_kv_max >= n_kv, ``uses_sparsek``); n_kv is the
 width of the graph's KV view (padded to a multiple of 256 by llama.cpp), so pass the whole
 captured mask / cache view, not just the used cells.
 
 The returned mask is ``base_mask`` where kept and -inf elsewhere (float32), so a kept key keeps its
 base value (0, or the ALiBi bias).
+
+A row without any forced key keeps its first allowed key when forced keys are possible at all
+(window or stride > 0): llama.cpp pads each row's list of forced cells with a kept cell.
 
 Ties. The graph selects with ggml_top_k (CPU: std::partial_sort, no defined order among equal
 scores); this reference breaks ties by the lower cell index. Besides exact ties, the graph's scores
@@ -53,11 +59,15 @@ Capturing the inputs from llama.cpp with the eval callback (per layer il, KV-cac
   are the ones captured before (the K cache holds them at cell = position for a single sequence
   started at position 0).
 * ``sparsek_q-<il>``: the group-summed q, f32 [head_dim*n_head_kv, n_tokens/n_stream, n_stream].
-* ``sparsek_scores-<il>``: the scores, f32 [n_kv, n_tokens/n_stream, 1, n_stream], -inf at forced
-  and base-masked keys; its src[1] is the candidate input ``attn_inp_kq_mask_sk_cand``.
-* ``sparsek_top_k-<il>``: the selected indices, i32 [top_k, n_tokens/n_stream, 1, n_stream].
+* ``sparsek_k-<il>`` (block_size > 1): the per-block [max; min] of the keys, f32
+  [2*head_dim*n_head_kv, n_blk, n_stream].
+* ``sparsek_scores-<il>``: the scores, f32 [n_blk, n_tokens/n_stream, 1, n_stream] (n_blk = n_kv
+  with block_size 1), -inf at blocks that are not candidates; its src[1] is the candidate input
+  ``attn_inp_kq_mask_sk_cand``.
+* ``sparsek_top_k-<il>``: the selected blocks, i32
+  [top_k/block_size, n_tokens/n_stream, 1, n_stream].
 * ``sparsek_mask-<il>``: the final mask (f16 with flash attention, f32 without), same shape as the
-  KQ mask; its src[1] is the base KQ mask ``attn_inp_kq_mask``.
+  KQ mask.
 
 The SWA layers of iSWA models (e.g. gemma3) keep their own mask and have no sparsek_* tensors.
 """
@@ -77,6 +87,13 @@ def n_kv_max(n_kv: int, top_k: int, window: int, stride: int) -> int:
     return min(n_kv, top_k + n_forced_max(n_kv, window, stride))
 
 
+def uses_sparsek(n_kv: int, top_k: int, window: int, stride: int) -> bool:
+    """False where llama.cpp keeps the base mask: the mask could keep half of the keys or more.
+
+    This also leaves more blocks than selected ones (top_k is a multiple of the block size)."""
+    return 2 * n_kv_max(n_kv, top_k, window, stride) < n_kv
+
+
 def sparsek_forced(
     base_mask: np.ndarray,
     positions_q: np.ndarray,
@@ -84,7 +101,11 @@ def sparsek_forced(
     window: int,
     stride: int,
 ) -> np.ndarray:
-    """Boolean (n_tokens, n_kv): the window/stride keys each query keeps (within its base mask)."""
+    """Boolean (n_tokens, n_kv): the window/stride keys each query keeps (within its base mask).
+
+    A row with no such key keeps its first allowed key, unless there can be none at all
+    (window and stride 0): llama.cpp pads every row of its forced-key list with a kept key.
+    """
     allowed = np.isfinite(base_mask)
     p1 = np.asarray(positions_q, dtype=np.int64)[:, None]
     p0 = np.asarray(positions_k, dtype=np.int64)[None, :]
@@ -96,6 +117,24 @@ def sparsek_forced(
     cap = n_forced_max(base_mask.shape[1], window, stride)
     over = np.cumsum(forced, axis=1) > cap
     res: np.ndarray = forced & ~over
+    if cap > 0:
+        empty = ~res.any(axis=1) & allowed.any(axis=1)
+        res[empty, np.argmax(allowed[empty], axis=1)] = True
+    return res
+
+
+def _group_summed_q(q: np.ndarray, k: np.ndarray) -> np.ndarray:
+    n_tokens, n_head, head_dim = q.shape
+    _, n_head_kv, head_dim_k = k.shape
+    if head_dim != head_dim_k or n_head % n_head_kv != 0:
+        raise ValueError(f"incompatible q {q.shape} and k {k.shape}")
+    n_gqa = n_head // n_head_kv
+    res: np.ndarray = (
+        q.astype(np.float32)
+        .reshape(n_tokens, n_head_kv, n_gqa, head_dim)
+        .sum(axis=2, dtype=np.float32)
+        .reshape(n_tokens, n_head_kv * head_dim)
+    )
     return res
 
 
@@ -109,29 +148,54 @@ def sparsek_scores(
     round_f16: round the group-summed q and k to float16 first, as the CPU mat mul does with an
     f16 K cache (the closest emulation of the graph; it still sums in a different order).
     """
-    n_tokens, n_head, head_dim = q.shape
-    n_kv, n_head_kv, head_dim_k = k.shape
-    if head_dim != head_dim_k or n_head % n_head_kv != 0:
-        raise ValueError(f"incompatible q {q.shape} and k {k.shape}")
-    n_gqa = n_head // n_head_kv
-    qs = (
-        q.astype(np.float32)
-        .reshape(n_tokens, n_head_kv, n_gqa, head_dim)
-        .sum(axis=2, dtype=np.float32)
-    )
-    ks = k.astype(np.float32)
+    qs = _group_summed_q(q, k)
+    ks = k.astype(np.float32).reshape(k.shape[0], -1)
     if round_f16:
         qs = qs.astype(np.float16)
         ks = ks.astype(np.float16)
-    qd = qs.astype(np.float64).reshape(n_tokens, n_head_kv * head_dim)
-    kd = ks.astype(np.float64).reshape(n_kv, n_head_kv * head_dim)
-    res: np.ndarray = qd @ kd.T
+    res: np.ndarray = qs.astype(np.float64) @ ks.astype(np.float64).T
     return res
 
 
-def _candidate_scores(scores: np.ndarray, base_mask: np.ndarray, forced: np.ndarray) -> np.ndarray:
-    cand = np.isfinite(base_mask) & ~forced
-    return np.where(cand, scores, -np.inf)
+def block_scores(
+    q: np.ndarray,
+    k: np.ndarray,
+    block_size: int,
+    round_f16: bool = False,
+) -> np.ndarray:
+    """(n_tokens, n_kv // block_size) float64 block scores.
+
+    block_size 1: the key scores (``sparsek_scores``). Otherwise the upper bound of the key
+    scores over the block from the per-channel max and min of its keys:
+    sum_c max(q_c * max_c, q_c * min_c) (Quest); the cells past the last whole block are in none.
+
+    round_f16: round k to float16 (the f16 K cache); with blocks the graph pools f32 copies of
+    the cache rows and multiplies them by the f32 query, so q is not rounded.
+    """
+    if block_size == 1:
+        return sparsek_scores(q, k, round_f16)
+    qs = _group_summed_q(q, k).astype(np.float64)
+    ks = k.astype(np.float32).reshape(k.shape[0], -1)
+    if round_f16:
+        ks = ks.astype(np.float16)
+    n_blk = k.shape[0] // block_size
+    kb = ks[: n_blk * block_size].astype(np.float64).reshape(n_blk, block_size, -1)
+    k_max, k_min = kb.max(axis=1), kb.min(axis=1)
+    q_pos = np.maximum(qs, 0.0)
+    res: np.ndarray = q_pos @ k_max.T + (qs - q_pos) @ k_min.T
+    return res
+
+
+def candidate_blocks(base_mask: np.ndarray, forced: np.ndarray, block_size: int) -> np.ndarray:
+    """Boolean (n_tokens, n_blk): the blocks whose keys the base mask all allows and that add at
+    least one key to the forced ones (selecting them never unmasks a key)."""
+    n_tokens, n_kv = base_mask.shape
+    n_blk = n_kv // block_size
+    shape = (n_tokens, n_blk, block_size)
+    allowed = np.isfinite(base_mask)[:, : n_blk * block_size].reshape(shape)
+    new = ~forced[:, : n_blk * block_size].reshape(shape)
+    res: np.ndarray = allowed.all(axis=2) & new.any(axis=2)
+    return res
 
 
 def sparsek_mask(
@@ -144,6 +208,7 @@ def sparsek_mask(
     window: int,
     stride: int,
     round_f16: bool = False,
+    block_size: int = 1,
 ) -> np.ndarray:
     """The SparseK mask (n_tokens, n_kv) float32 of one layer; see the module doc for shapes."""
     base_mask = np.asarray(base_mask, dtype=np.float32)
@@ -152,24 +217,26 @@ def sparsek_mask(
         raise ValueError(f"q {q.shape} / k {k.shape} do not match base_mask {base_mask.shape}")
     if len(positions_q) != n_tokens or len(positions_k) != n_kv:
         raise ValueError("positions do not match base_mask")
-    if top_k <= 0:
-        raise ValueError("top_k must be > 0")
+    if top_k <= 0 or block_size <= 0 or top_k % block_size != 0:
+        raise ValueError("top_k must be > 0 and a multiple of block_size")
 
-    # nothing to drop
-    if n_kv <= top_k + window:
+    if not uses_sparsek(n_kv, top_k, window, stride):
         return base_mask.copy()
 
     forced = sparsek_forced(base_mask, positions_q, positions_k, window, stride)
-    cand = _candidate_scores(sparsek_scores(q, k, round_f16), base_mask, forced)
+    cand = candidate_blocks(base_mask, forced, block_size)
+    scores = np.where(cand, block_scores(q, k, block_size, round_f16), -np.inf)
 
-    # top_k best candidates per row; ties -> lower cell index (stable sort of -score)
-    order = np.argsort(-cand, axis=1, kind="stable")[:, :top_k]
-    picked = np.zeros_like(forced)
+    # the top_k / block_size best candidate blocks per row; ties -> lower block index
+    order = np.argsort(-scores, axis=1, kind="stable")[:, : top_k // block_size]
+    picked = np.zeros_like(cand)
     np.put_along_axis(picked, order, True, axis=1)
-    # picks beyond the number of candidates land on -inf entries: they are forced or masked
-    picked &= np.isfinite(cand)
+    # picks beyond the number of candidates land on non-candidates, which keep nothing
+    picked &= cand
 
-    kept = (forced | picked) & np.isfinite(base_mask)
+    kept = forced.copy()
+    n_blk = cand.shape[1]
+    kept[:, : n_blk * block_size] |= np.repeat(picked, block_size, axis=1)
     return np.where(kept, base_mask, np.float32(-np.inf)).astype(np.float32)
 
 
@@ -177,24 +244,25 @@ def compare_kept(
     mask: np.ndarray,
     mask_ref: np.ndarray,
     scores: np.ndarray,
-    base_mask: np.ndarray,
-    forced: np.ndarray,
-    top_k: int,
+    cand: np.ndarray,
+    n_top: int,
+    block_size: int,
     tol: float,
 ) -> list[tuple[int, int]]:
     """(row, key) pairs where two SparseK masks keep different keys and the difference is not a
-    top-k boundary tie: a mismatch is tolerated only for a candidate whose score is within ``tol``
-    of the row's top_k-th best candidate score (``scores`` as from ``sparsek_scores``)."""
+    selection boundary tie: a mismatch is tolerated only for a key of a candidate block whose score
+    is within ``tol`` of the row's n_top-th best candidate score (``scores`` and ``cand`` as from
+    ``block_scores`` and ``candidate_blocks``, n_top = top_k // block_size)."""
     kept = np.isfinite(np.asarray(mask, dtype=np.float32))
     kept_ref = np.isfinite(np.asarray(mask_ref, dtype=np.float32))
-    cand = _candidate_scores(scores, base_mask, forced)
+    masked = np.where(cand, scores, -np.inf)
     bad = []
     for i, j in zip(*np.nonzero(kept != kept_ref), strict=True):
-        row = cand[i]
-        n_cand = int(np.isfinite(row).sum())
-        if np.isfinite(row[j]) and n_cand > top_k:
-            kth = np.sort(row)[::-1][top_k - 1]
-            if abs(row[j] - kth) <= tol:
+        b = j // block_size
+        row = masked[i]
+        if b < len(row) and np.isfinite(row[b]) and int(np.isfinite(row).sum()) > n_top:
+            kth = np.sort(row)[::-1][n_top - 1]
+            if abs(row[b] - kth) <= tol:
                 continue
         bad.append((int(i), int(j)))
     return bad

@@ -62,4 +62,4 @@ def test_info_shows_pin_and_patches() -> None:
     assert result.exit_code == 0, result.output
     assert "0c1e57098bba43ac29e6e3b677cdceebdd22334f" in result.output
     assert "llama_sparsek_version" in result.output  # the subject of patch 0001
-    assert "sparsek-1" in result.output
+    assert "sparsek-2" in result.output

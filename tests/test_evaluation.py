@@ -49,8 +49,8 @@ def _app() -> typer.Typer:
 def test_parse_grid_reads_top_k_window_and_optional_block() -> None:
     grid = parse_grid("256:128, 128:64:16")
     assert grid == (Setting(256, 128), Setting(128, 64, 16))
-    assert [s.label for s in grid] == ["k256/w128", "k128/w64/b16"]
-    assert "llama.sparsek.block_size" not in grid[0].kv_overrides("llama")
+    assert [s.label for s in grid] == ["k256/w128/b1", "k128/w64/b16"]
+    assert grid[0].kv_overrides("llama")["llama.sparsek.block_size"] == 1
     assert grid[1].kv_overrides("qwen2") == {
         "qwen2.sparsek.enable": True,
         "qwen2.sparsek.top_k": 128,
@@ -71,6 +71,7 @@ def test_parse_grid_reads_top_k_window_and_optional_block() -> None:
         "0:128",
         "256:-1",
         "256:128:0",
+        "256:128:48",
         "1:2:3:4",
         "256:128,",
         "256:128,256:128",
@@ -208,13 +209,13 @@ def test_eval_quick_writes_json_table_and_plot(tiny_model: Path, tmp_path: Path)
     assert result.exit_code == 0, result.output
     report = json.loads((out / "results.json").read_text())
     (model,) = report["models"]
-    assert [v["label"] for v in model["variants"]] == ["dense", "k64/w32"]
+    assert [v["label"] for v in model["variants"]] == ["dense", "k64/w32/b1"]
     dense, sparse = model["variants"]
     assert [p["ctx"] for p in dense["perplexity"]] == [256]
     assert dense["agreement"] is None and sparse["agreement"]["gen_tokens"] == 16
     assert {(s["test"], s["depth"]) for s in sparse["speed"]} == {("pp64", 0), ("tg8", 0)}
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "| k64/w32 |" in (out / "results.md").read_text()
+    assert "| k64/w32/b1 |" in (out / "results.md").read_text()
     assert "| setting |" in result.output
 
 

@@ -34,7 +34,7 @@ from llama_sparsek.sparsek import recommended
 
 upstream = pytest.importorskip("gguf")
 
-SPARSEK_KEYS = [f"llama.sparsek.{s}" for s in ("enable", "top_k", "window", "stride")]
+SPARSEK_KEYS = [f"llama.sparsek.{s}" for s in ("enable", "top_k", "window", "stride", "block_size")]
 
 
 # --- helpers -----------------------------------------------------------------------------------
@@ -194,6 +194,7 @@ def test_round_trip_set_show_unset(tmp_path: Path, alignment: int | None) -> Non
         "llama.sparsek.top_k": (GGUFType.UINT32, rec.top_k),
         "llama.sparsek.window": (GGUFType.UINT32, rec.window),
         "llama.sparsek.stride": (GGUFType.UINT32, rec.stride),
+        "llama.sparsek.block_size": (GGUFType.UINT32, rec.block_size),
     }
     assert new_meta == meta
 
@@ -204,6 +205,7 @@ def test_round_trip_set_show_unset(tmp_path: Path, alignment: int | None) -> Non
         "llama.sparsek.top_k": rec.top_k,
         "llama.sparsek.window": rec.window,
         "llama.sparsek.stride": rec.stride,
+        "llama.sparsek.block_size": rec.block_size,
     }
     text = cli("show", with_keys).output
     assert "* llama.sparsek.top_k" in text and f"top_k={rec.top_k}" in text
@@ -327,13 +329,26 @@ def test_unchanged_in_place_edit_does_not_write(model: Path) -> None:
 
 def test_enable_alone_writes_recommended_and_disable_only_enable(model: Path) -> None:
     set_sparsek(model, enable=True, in_place=True)
-    set_sparsek(model, top_k=7, in_place=True)
+    set_sparsek(model, top_k=24, in_place=True)
     result = set_sparsek(model, enable=False, in_place=True)
     assert [c.key for c in result.changes] == ["llama.sparsek.enable"]
     meta = read_metadata(model).metadata
-    assert meta["llama.sparsek.top_k"] == (GGUFType.UINT32, 7)
+    assert meta["llama.sparsek.top_k"] == (GGUFType.UINT32, 24)
     assert meta["llama.sparsek.enable"] == (GGUFType.BOOL, False)
-    assert list(meta)[-4:] == SPARSEK_KEYS  # new keys are appended
+    assert list(meta)[-5:] == SPARSEK_KEYS  # new keys are appended
+
+
+def test_block_size_must_fit_top_k_and_window(model: Path) -> None:
+    set_sparsek(model, top_k=64, window=16, block_size=16, enable=True, in_place=True)
+    with pytest.raises(GGUFError, match="divide top_k"):
+        set_sparsek(model, top_k=40, in_place=True)
+    with pytest.raises(GGUFError, match="window must be >= block_size"):
+        set_sparsek(model, window=8, in_place=True)
+    result = cli("set", model, "--block-size", "32", "--in-place")
+    assert result.exit_code != 0 and "window must be >= block_size" in result.output
+    assert read_metadata(model).metadata["llama.sparsek.block_size"] == (GGUFType.UINT32, 16)
+    set_sparsek(model, window=32, block_size=32, in_place=True)
+    assert read_metadata(model).metadata["llama.sparsek.block_size"] == (GGUFType.UINT32, 32)
 
 
 def test_unset_named_keys_and_suffixes(model: Path) -> None:
@@ -698,11 +713,11 @@ def test_cli_show_summarises_long_arrays_and_json_is_complete(model: Path) -> No
 def test_cli_in_place_reports_the_method(model: Path) -> None:
     result = cli("set", model, "--enable", "--in-place")
     assert result.exit_code == 0 and f"wrote {model}" in result.output
-    result = cli("set", model, "--top-k", "9", "--in-place")
+    result = cli("set", model, "--top-k", "16", "--in-place")
     assert result.exit_code == 0 and f"patched {model} in place" in result.output
-    assert "~ llama.sparsek.top_k: 256 -> 9 (UINT32)" in result.output
+    assert f"~ llama.sparsek.top_k: {recommended().top_k} -> 16 (UINT32)" in result.output
     result = cli("unset", model, "--in-place")
-    assert result.exit_code == 0 and "- llama.sparsek.top_k (was 9)" in result.output
+    assert result.exit_code == 0 and "- llama.sparsek.top_k (was 16)" in result.output
 
 
 # --- a real model ------------------------------------------------------------------------------

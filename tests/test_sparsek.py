@@ -46,14 +46,37 @@ def _tokens(n: int, seed: int = 0) -> list[int]:
 # ---------------------------------------------------------------- dense equivalence
 
 
+def assert_close_to_dense(
+    got: np.ndarray, want: np.ndarray, path: Path, tokens: list[int], opts: dict[str, object]
+) -> None:
+    """Without flash attention the sparse mask gives the dense logits up to summation order.
+
+    With it, the sparse kernel rounds Q to f16 where the dense tiled kernel does not: the two differ
+    by rounding, amplified through the layers; the bound is how far the dense flash-attention
+    result itself is from the dense non-flash one.
+    """
+    if not opts["flash_attn"]:
+        np.testing.assert_allclose(got, want, atol=2e-3, rtol=1e-3)
+        return
+    with Llama(path, **{**opts, "flash_attn": False, "type_v": "f16"}) as plain:  # type: ignore[arg-type]
+        noise = float(np.abs(plain.eval(tokens) - want).max())
+    assert float(np.abs(got - want).max()) <= 2.0 * noise + 1e-3
+    assert (got.argmax(axis=1) == want.argmax(axis=1)).mean() >= 0.9
+
+
+# with blocks, window >= block_size keeps the allowed keys of the partly future diagonal block
+EVERY_KEY = [SparseK(top_k=112, window=0, block_size=1), SparseK(top_k=112, window=8, block_size=8)]
+
+
+@pytest.mark.parametrize("settings", EVERY_KEY, ids=["keys", "blocks"])
 @pytest.mark.parametrize("flash_attn", [True, False])
 @pytest.mark.parametrize("cache", ["f16", "q8_0"])
 def test_keeping_every_allowed_key_equals_dense(
-    tiny_model: Path, flash_attn: bool, cache: str
+    tiny_model: Path, flash_attn: bool, cache: str, settings: SparseK
 ) -> None:
     """top_k >= the allowed keys of every row: the sparse mask equals the causal one."""
-    tokens = _tokens(200)
-    # n_kv is 256 > top_k + window, so the SparseK graph really runs; every row allows <= 200 keys
+    tokens = _tokens(112)
+    # n_kv is 256 > 2 * (top_k + window): the SparseK graph really runs; rows allow <= 112 keys
     # llama.cpp quantizes the V cache only with flash attention
     opts = {
         "n_ctx": 512,
@@ -64,29 +87,50 @@ def test_keeping_every_allowed_key_equals_dense(
     }
     with Llama(tiny_model, **opts) as dense:  # type: ignore[arg-type]
         want = dense.eval(tokens)
-    with Llama(tiny_model, sparsek=SparseK(top_k=200, window=0), **opts) as sparse:  # type: ignore[arg-type]
+    seen: set[str] = set()
+
+    def cb(name: str, array: np.ndarray | None) -> bool:
+        seen.add(name)
+        return False
+
+    with Llama(tiny_model, sparsek=settings, cb_eval=cb, **opts) as sparse:  # type: ignore[arg-type]
         got = sparse.eval(tokens)
-    np.testing.assert_allclose(got, want, atol=2e-3, rtol=1e-3)
+    assert "sparsek_mask-0" in seen  # the SparseK graph ran
+    assert_close_to_dense(got, want, tiny_model, tokens, opts)
 
 
+@pytest.mark.parametrize("settings", EVERY_KEY, ids=["keys", "blocks"])
 @pytest.mark.parametrize("flash_attn", [True, False])
-def test_smollm2_large_k_equals_dense(smollm2_path: Path, flash_attn: bool) -> None:
+def test_smollm2_large_k_equals_dense(
+    smollm2_path: Path, flash_attn: bool, settings: SparseK
+) -> None:
     opts = {"n_ctx": 1024, "n_threads": 2, "flash_attn": flash_attn}
     with Llama(smollm2_path, **opts) as dense:  # type: ignore[arg-type]
-        toks = dense.tokenize("The history of the Roman Empire spans many centuries. " * 40)[:400]
+        toks = dense.tokenize("The history of the Roman Empire spans many centuries. " * 40)[:112]
         want = dense.eval(toks)
-    # n_kv (512) > top_k + window: the SparseK graph runs, and keeps every causal key
-    with Llama(smollm2_path, sparsek=SparseK(top_k=400, window=0), **opts) as sk:  # type: ignore[arg-type]
+    # n_kv (256) > 2 * (top_k + window): the SparseK graph runs, and keeps every causal key
+    with Llama(smollm2_path, sparsek=settings, **opts) as sk:  # type: ignore[arg-type]
         got = sk.eval(toks)
-    np.testing.assert_allclose(got, want, atol=5e-3, rtol=1e-3)
+    assert_close_to_dense(got, want, smollm2_path, toks, opts)
 
 
 # ---------------------------------------------------------------- the mask, recomputed in numpy
 
 
-@pytest.mark.parametrize(("top_k", "window", "stride"), [(16, 8, 0), (8, 4, 32), (1, 0, 0)])
+@pytest.mark.parametrize(
+    ("top_k", "window", "stride", "block_size"),
+    [
+        (16, 8, 0, 1),
+        (8, 4, 32, 1),
+        (1, 0, 0, 1),
+        (32, 16, 0, 16),
+        (64, 32, 0, 32),
+        (48, 16, 0, 16),
+        (32, 8, 64, 8),
+    ],
+)
 def test_mask_matches_numpy_reference(
-    tiny_model: Path, top_k: int, window: int, stride: int
+    tiny_model: Path, top_k: int, window: int, stride: int, block_size: int
 ) -> None:
     captured: dict[str, np.ndarray] = {}
     wanted = {"Qcur-0", "Kcur-0", "sparsek_mask-0", "Qcur-1", "Kcur-1", "sparsek_mask-1"}
@@ -99,7 +143,7 @@ def test_mask_matches_numpy_reference(
 
     n = 200
     tokens = _tokens(n, seed=3)
-    settings = SparseK(top_k=top_k, window=window, stride=stride)
+    settings = SparseK(top_k=top_k, window=window, stride=stride, block_size=block_size)
     with Llama(tiny_model, n_ctx=512, n_threads=2, sparsek=settings, cb_eval=cb) as llm:
         llm.eval(tokens)
     assert wanted <= captured.keys(), sorted(captured)
@@ -115,11 +159,13 @@ def test_mask_matches_numpy_reference(
         mask = captured[f"sparsek_mask-{il}"].reshape(-1, N_KV_PAD)[:n]
         assert mask.shape == (n, N_KV_PAD)
         expected = ref.sparsek_mask(
-            q, k, base, positions[:n], positions, top_k, window, stride, round_f16=True
+            q, k, base, positions[:n], positions, top_k, window, stride, True, block_size
         )
-        scores = ref.sparsek_scores(q, k, round_f16=True)
+        scores = ref.block_scores(q, k, block_size, round_f16=True)
         forced = ref.sparsek_forced(base, positions[:n], positions, window, stride)
-        bad = ref.compare_kept(mask, expected, scores, base, forced, top_k, tol=1e-2)
+        cand = ref.candidate_blocks(base, forced, block_size)
+        n_top = top_k // block_size
+        bad = ref.compare_kept(mask, expected, scores, cand, n_top, block_size, tol=1e-2)
         assert bad == [], f"layer {il}: {len(bad)} keys differ, first {bad[:5]}"
         kept = np.isfinite(mask).sum(axis=1)
         assert kept.max() <= ref.n_kv_max(N_KV_PAD, top_k, window, stride)
@@ -138,7 +184,7 @@ def test_small_k_changes_output_deterministically(smollm2_path: Path) -> None:
     runs = []
     for _ in range(2):
         with Llama(
-            smollm2_path, n_ctx=2048, n_threads=2, sparsek=SparseK(top_k=16, window=8)
+            smollm2_path, n_ctx=2048, n_threads=2, sparsek=SparseK(top_k=16, window=8, block_size=8)
         ) as sk:
             runs.append(sk.eval(toks))
     np.testing.assert_array_equal(runs[0], runs[1])
@@ -148,12 +194,15 @@ def test_small_k_changes_output_deterministically(smollm2_path: Path) -> None:
 def test_gguf_set_file_is_picked_up(smollm2_path: Path, tmp_path: Path) -> None:
     """Settings injected into the file act exactly like the same kv_overrides."""
     edited = tmp_path / "smollm2-sparsek.gguf"
-    gguf.set_sparsek(smollm2_path, top_k=32, window=16, stride=0, enable=True, out=edited)
+    gguf.set_sparsek(
+        smollm2_path, top_k=32, window=16, stride=0, block_size=8, enable=True, out=edited
+    )
     text = "The quick brown fox jumps over the lazy dog. " * 40
     with Llama(edited, n_ctx=1024, n_threads=2) as from_file:
         toks = from_file.tokenize(text)
         got = from_file.eval(toks)
-    with Llama(smollm2_path, n_ctx=1024, n_threads=2, sparsek=SparseK(32, 16, 0)) as overridden:
+    settings = SparseK(top_k=32, window=16, stride=0, block_size=8)
+    with Llama(smollm2_path, n_ctx=1024, n_threads=2, sparsek=settings) as overridden:
         want = overridden.eval(toks)
     with Llama(smollm2_path, n_ctx=1024, n_threads=2) as dense:
         dense_logits = dense.eval(toks)
@@ -166,6 +215,27 @@ def test_gguf_set_file_is_picked_up(smollm2_path: Path, tmp_path: Path) -> None:
     [
         ({"llama.sparsek.enable": True, "llama.sparsek.top_k": 0}, "top_k"),
         ({"llama.sparsek.enable": True, "llama.sparsek.top_k": -5}, "top_k"),
+        (
+            {"llama.sparsek.enable": True, "llama.sparsek.top_k": 8, "llama.sparsek.block_size": 0},
+            "block size",
+        ),
+        (
+            {
+                "llama.sparsek.enable": True,
+                "llama.sparsek.top_k": 24,
+                "llama.sparsek.block_size": 16,
+            },
+            "block size",
+        ),
+        (
+            {
+                "llama.sparsek.enable": True,
+                "llama.sparsek.top_k": 32,
+                "llama.sparsek.window": 8,
+                "llama.sparsek.block_size": 16,
+            },
+            "window",
+        ),
     ],
 )
 def test_invalid_values_fail_the_load(
@@ -179,13 +249,17 @@ def test_invalid_values_fail_the_load(
 def test_registry_model_generates_with_sparsek(registry_model, name: str) -> None:  # type: ignore[no-untyped-def]
     path = registry_model(name)
     prompt = "Write a short story about a robot who learns to paint. " * 50
-    with Llama(path, n_ctx=2048, n_threads=2, sparsek=SparseK(top_k=32, window=32)) as llm:
+    settings = SparseK(top_k=32, window=32, block_size=16)
+    with Llama(path, n_ctx=2048, n_threads=2, sparsek=settings) as llm:
         assert len(llm.tokenize(prompt)) > 2 * N_KV_PAD  # SparseK really drops keys
         text = llm.generate(prompt, 8)
     assert text.strip()
 
 
-def test_sequences_in_one_batch_stay_apart(smollm2_path: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("block_size", [1, 16])
+def test_sequences_in_one_batch_stay_apart(
+    smollm2_path: Path, tmp_path: Path, block_size: int
+) -> None:
     """llama-perplexity packs several sequences per batch: the result must not depend on it."""
     corpus = tmp_path / "text.txt"
     corpus.write_text(
@@ -195,9 +269,11 @@ def test_sequences_in_one_batch_stay_apart(smollm2_path: Path, tmp_path: Path) -
         "--override-kv",
         "llama.sparsek.enable=bool:true",
         "--override-kv",
-        "llama.sparsek.top_k=int:24",
+        "llama.sparsek.window=int:16",
         "--override-kv",
-        "llama.sparsek.window=int:8",
+        "llama.sparsek.top_k=int:32",
+        "--override-kv",
+        f"llama.sparsek.block_size=int:{block_size}",
     ]
 
     def ppl(batch: int) -> str:

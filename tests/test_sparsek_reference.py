@@ -5,12 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from sparsek_reference import (
+    block_scores,
+    candidate_blocks,
     compare_kept,
     n_forced_max,
     n_kv_max,
     sparsek_forced,
     sparsek_mask,
     sparsek_scores,
+    uses_sparsek,
 )
 
 NEG = -np.inf
@@ -103,12 +106,13 @@ def test_stride_keys():
 
 
 def test_base_mask_is_never_unmasked():
-    # two sequences in one stream: cells 0..7 belong to seq A, 8..15 to seq B (positions 0..7 each)
-    n_kv = 16
-    pk = np.concatenate([np.arange(8), np.arange(8)])
+    # two sequences in one stream: cells 0..7 belong to seq A, 8..15 to seq B (positions 0..7 each),
+    # cells 16..31 are empty (so that the mask keeps less than half of the cells and SparseK runs)
+    n_kv = 32
+    pk = np.concatenate([np.arange(8), np.arange(8), np.arange(16)])
     base = np.full((2, n_kv), NEG, dtype=np.float32)
     base[0, :8] = 0.0  # token of seq A at position 7
-    base[1, 8:] = 0.0  # token of seq B at position 7
+    base[1, 8:16] = 0.0  # token of seq B at position 7
     pq = np.array([7, 7])
     q = np.zeros((2, 1, 4), dtype=np.float32)
     q[:, 0, 0] = 1.0
@@ -121,23 +125,29 @@ def test_base_mask_is_never_unmasked():
 
 
 def test_fewer_candidates_than_top_k():
-    base, pq, pk = causal(4, 16)
+    base, pq, pk = causal(4, 64)
     base[:, 10:] = NEG  # only keys 0..9 visible
     q = np.ones((4, 1, 4), dtype=np.float32)
-    k = one_hot_keys(16)
+    k = one_hot_keys(64)
     m = sparsek_mask(q, k, base, pq, pk, top_k=12, window=2, stride=0)
     for i in range(4):
         assert kept(m, i) == list(range(10))
 
 
-def test_skip_when_nothing_to_drop():
+def test_skip_unless_most_keys_are_dropped():
     base, pq, pk = causal(3, 8)
     q = np.ones((3, 1, 4), dtype=np.float32)
     k = one_hot_keys(8)
-    m = sparsek_mask(q, k, base, pq, pk, top_k=6, window=2, stride=0)
+    # up to top_k + window = 4 of 8 keys kept: not less than half, the base mask stays
+    assert not uses_sparsek(8, 2, 2, 0)
+    m = sparsek_mask(q, k, base, pq, pk, top_k=2, window=2, stride=0)
     np.testing.assert_array_equal(m, base)
-    m = sparsek_mask(q, k, base, pq, pk, top_k=6, window=1, stride=0)
+    assert uses_sparsek(8, 2, 1, 0)
+    m = sparsek_mask(q, k, base, pq, pk, top_k=2, window=1, stride=0)
     assert not np.array_equal(np.isfinite(m), np.isfinite(base))
+    # strided keys count: with stride 2, 16 of 32 cells are forced
+    assert uses_sparsek(32, 4, 2, 0)
+    assert not uses_sparsek(32, 4, 2, 2)
 
 
 def test_kept_entries_keep_the_base_value():
@@ -153,30 +163,30 @@ def test_kept_entries_keep_the_base_value():
 
 
 def test_ties_prefer_lower_index():
-    n_kv = 8
+    n_kv = 16
     base = np.zeros((1, n_kv), dtype=np.float32)
     q = np.ones((1, 1, 4), dtype=np.float32)
     k = np.ones((n_kv, 1, 4), dtype=np.float32)
-    m = sparsek_mask(q, k, base, np.array([7]), np.arange(n_kv), top_k=3, window=1, stride=0)
-    assert kept(m, 0) == [0, 1, 2, 7]
+    m = sparsek_mask(q, k, base, np.array([15]), np.arange(n_kv), top_k=3, window=1, stride=0)
+    assert kept(m, 0) == [0, 1, 2, 15]
 
 
 def test_forced_cap_with_position_gaps():
-    # 8 cells holding positions 0, 4, 8, ..., 28 (gaps): all strided for stride 4,
-    # but the cap is window + ceil(8/4) = 1 + 2 = 3, counted in cell order
-    n_kv = 8
-    pk = np.arange(0, 32, 4)
+    # 16 cells holding positions 0, 4, 8, ..., 60 (gaps): all strided for stride 4,
+    # but the cap is window + ceil(16/4) = 1 + 4 = 5, counted in cell order
+    n_kv = 16
+    pk = np.arange(0, 64, 4)
     base = np.zeros((1, n_kv), dtype=np.float32)
-    forced = sparsek_forced(base, np.array([28]), pk, window=1, stride=4)
-    assert n_forced_max(n_kv, 1, 4) == 3
-    assert list(np.nonzero(forced[0])[0]) == [0, 1, 2]
-    assert n_kv_max(n_kv, 2, 1, 4) == 5
+    forced = sparsek_forced(base, np.array([60]), pk, window=1, stride=4)
+    assert n_forced_max(n_kv, 1, 4) == 5
+    assert list(np.nonzero(forced[0])[0]) == [0, 1, 2, 3, 4]
+    assert n_kv_max(n_kv, 2, 1, 4) == 7
     q = np.zeros((1, 1, 4), dtype=np.float32)
     q[0, 0, 0] = 1.0
     k = one_hot_keys(n_kv)
-    m = sparsek_mask(q, k, base, np.array([28]), pk, top_k=2, window=1, stride=4)
-    # the window key (cell 7) is past the cap and competes in the top-k, where it wins
-    assert kept(m, 0) == [0, 1, 2, 6, 7]
+    m = sparsek_mask(q, k, base, np.array([60]), pk, top_k=2, window=1, stride=4)
+    # the window key (cell 15) is past the cap and competes in the top-k, where it wins
+    assert kept(m, 0) == [0, 1, 2, 3, 4, 14, 15]
     assert len(kept(m, 0)) <= n_kv_max(n_kv, 2, 1, 4)
 
 
@@ -190,6 +200,9 @@ def test_n_kv_max_bounds_random_masks():
         q = rng.standard_normal((n_tokens, 4, 8)).astype(np.float32)
         k = rng.standard_normal((n_kv, 2, 8)).astype(np.float32)
         m = sparsek_mask(q, k, base, pq, pk, int(top_k), int(window), int(stride))
+        if not uses_sparsek(n_kv, int(top_k), int(window), int(stride)):
+            np.testing.assert_array_equal(m, base)
+            continue
         assert np.all(
             np.isfinite(m).sum(axis=1) <= n_kv_max(n_kv, int(top_k), int(window), int(stride))
         )
@@ -208,13 +221,119 @@ def test_compare_kept_tolerates_boundary_ties_only():
     ref = sparsek_mask(q, k, base, pq, pk, top_k=2, window=1, stride=0)
     assert kept(ref, 0) == [0, 1, 7]
     scores = sparsek_scores(q, k)
-    forced = sparsek_forced(base, pq, pk, 1, 0)
+    cand = candidate_blocks(base, sparsek_forced(base, pq, pk, 1, 0), 1)
     other = ref.copy()
     other[0, 1], other[0, 5] = NEG, 0.0  # another key of the tie
-    assert compare_kept(other, ref, scores, base, forced, top_k=2, tol=1e-3) == []
+    assert compare_kept(other, ref, scores, cand, 2, 1, tol=1e-3) == []
     other = ref.copy()
     other[0, 0], other[0, 5] = NEG, 0.0  # drops the clear winner
-    assert compare_kept(other, ref, scores, base, forced, top_k=2, tol=1e-3) == [(0, 0)]
+    assert compare_kept(other, ref, scores, cand, 2, 1, tol=1e-3) == [(0, 0)]
+
+
+# ---------------------------------------------------------------- blocks
+
+
+def test_block_score_bounds_the_key_scores():
+    """The min/max score is an upper bound of every key score in its block, exact for one key."""
+    rng = np.random.default_rng(2)
+    q = rng.standard_normal((5, 4, 8)).astype(np.float32)
+    k = rng.standard_normal((70, 2, 8)).astype(np.float32)
+    keys = sparsek_scores(q, k)
+    np.testing.assert_allclose(block_scores(q, k, 1), keys)
+    blocks = block_scores(q, k, 16)
+    assert blocks.shape == (5, 4)  # 70 // 16: the last 6 cells are in no block
+    assert np.all(blocks >= keys[:, :64].reshape(5, 4, 16).max(axis=2) - 1e-9)
+    # identical keys in a block: the bound is their score
+    k_same = np.repeat(k[:5], 16, axis=0)
+    np.testing.assert_allclose(block_scores(q, k_same, 16), sparsek_scores(q, k[:5]), rtol=1e-6)
+
+
+def test_block_bound_by_hand():
+    # channel 0 ranges over [-2, 3], channel 1 over [1, 4]; q = (1, -1): 3*1 + 1*(-1) = 2
+    q = np.array([[[1.0, -1.0]]], dtype=np.float32)
+    k = np.array([[[-2.0, 4.0]], [[3.0, 1.0]]], dtype=np.float32)
+    np.testing.assert_allclose(block_scores(q, k, 2), [[2.0]])
+
+
+def test_candidate_blocks_are_fully_allowed_and_add_a_key():
+    base, pq, pk = causal(1, 16)  # token at position 15: every cell allowed
+    base[0, 5] = NEG  # block 1 (cells 4..7) is partly masked
+    forced = sparsek_forced(base, pq, pk, window=4, stride=0)  # cells 12..15: block 3
+    assert candidate_blocks(base, forced, 4).tolist() == [[True, False, True, False]]
+
+
+def test_blocks_are_selected_whole():
+    n_kv, block = 32, 4
+    base, pq, pk = causal(1, n_kv)
+    q = np.zeros((1, 1, 4), dtype=np.float32)
+    q[0, 0, 0] = 1.0
+    k = np.zeros((n_kv, 1, 4), dtype=np.float32)
+    k[9, 0, 0] = 50.0  # block 2 (cells 8..11) has the best key
+    k[20, 0, 0] = 40.0  # block 5 (cells 20..23) the second best
+    m = sparsek_mask(q, k, base, pq, pk, top_k=8, window=2, stride=0, block_size=block)
+    assert kept(m, 0) == [8, 9, 10, 11, 20, 21, 22, 23, 30, 31]
+
+
+def test_blocks_never_unmask():
+    # the diagonal block of a causal mask is partly in the future: never selected, the window
+    # keeps its allowed keys
+    base, pq, pk = causal(4, 32)
+    pq = pq - 2  # tokens at positions 26..29: cells 30, 31 are future for all
+    base = np.where(pk[None, :] <= pq[:, None], 0.0, NEG).astype(np.float32)
+    rng = np.random.default_rng(4)
+    q = rng.standard_normal((4, 2, 4)).astype(np.float32)
+    k = rng.standard_normal((32, 1, 4)).astype(np.float32)
+    k[28:] *= 100.0  # the diagonal block scores best
+    m = sparsek_mask(q, k, base, pq, pk, top_k=8, window=2, stride=0, block_size=4)
+    assert not np.any(np.isfinite(m) & ~np.isfinite(base))
+    assert [kept(m, i)[-2:] for i in range(4)] == [[25, 26], [26, 27], [27, 28], [28, 29]]
+
+
+def test_row_without_forced_keys_keeps_its_first_allowed_key():
+    # stride 8 but the allowed cells 9..15 hold no multiple of 8 and the window is 0
+    base, pq, pk = causal(1, 16)
+    base[0, :9] = NEG
+    forced = sparsek_forced(base, pq, pk, window=0, stride=8)
+    assert np.nonzero(forced[0])[0].tolist() == [9]
+    # with neither window nor stride, no key is forced
+    assert not sparsek_forced(base, pq, pk, window=0, stride=0).any()
+
+
+def test_n_kv_max_bounds_random_block_masks():
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        n_tokens, n_kv = 8, 96
+        block = int(rng.choice([2, 4, 8, 16]))
+        top_k = block * int(rng.integers(1, 4))
+        window, stride = int(rng.integers(0, 8)), int(rng.integers(0, 9))
+        base, pq, pk = causal(n_tokens, n_kv)
+        base[rng.random(base.shape) < 0.05] = NEG
+        q = rng.standard_normal((n_tokens, 4, 8)).astype(np.float32)
+        k = rng.standard_normal((n_kv, 2, 8)).astype(np.float32)
+        m = sparsek_mask(q, k, base, pq, pk, top_k, window, stride, block_size=block)
+        if not uses_sparsek(n_kv, top_k, window, stride):
+            np.testing.assert_array_equal(m, base)
+            continue
+        assert np.all(np.isfinite(m).sum(axis=1) <= n_kv_max(n_kv, top_k, window, stride))
+        assert not np.any(np.isfinite(m) & ~np.isfinite(base))
+        if window > 0 or stride > 0:
+            assert np.all(np.isfinite(m).any(axis=1) == np.isfinite(base).any(axis=1))
+
+
+def test_block_size_must_divide_top_k():
+    base = np.zeros((1, 8), dtype=np.float32)
+    with pytest.raises(ValueError):
+        sparsek_mask(
+            np.zeros((1, 1, 4)),
+            np.zeros((8, 1, 4)),
+            base,
+            np.arange(1),
+            np.arange(8),
+            6,
+            1,
+            0,
+            block_size=4,
+        )
 
 
 def test_shape_errors():
