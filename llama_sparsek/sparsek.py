@@ -99,9 +99,10 @@ def recommended(arch: str | None = None) -> SparseK:
     """The project's recommended SparseK settings for a model architecture.
 
     This is the one place that owns the defaults: `SparseK()` and `gguf set --enable` use it.
-    Chosen by `llama-sparsek eval` on SmolLM2-135M (README, "Results"): the fastest setting
-    measured within 2% perplexity of dense attention at 8k context. SparseK only runs where it
-    keeps less than half of the keys (here from about 2.6k keys on), so short prompts stay dense.
+    Chosen by measurements on SmolLM2-135M (README, "Results"): the fastest setting measured
+    within 2% perplexity of dense attention on an 8k-token window. SparseK only runs where it
+    keeps less than half of the keys (here from a KV cache view of 2,816 cells on), so short
+    prompts stay dense.
     """
     del arch  # one setting for every architecture until measurements say otherwise
     return SparseK()

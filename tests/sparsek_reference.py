@@ -18,7 +18,8 @@ Semantics. For the query token at position p the kept keys are the keys its base
 * the strided keys (stride > 0): positions divisible by stride,
 * block_size 1: the ``top_k`` best-scoring remaining keys (allowed and not already forced);
   block_size B > 1: the keys of the ``top_k // B`` best-scoring candidate blocks of B consecutive
-  cells (see ``block_scores`` and ``candidate_blocks``).
+  cells (see ``block_scores`` and ``candidate_blocks``). Blocks are used only for ubatches of at
+  least ``MIN_TOKENS_FOR_BLOCKS`` tokens; smaller ones (decoding) select single keys.
 
 Forced (window/stride) keys are counted per row in cell order and capped at
 ``n_forced_max = min(n_kv, window + ceil(n_kv/stride))`` (``window`` if stride == 0); the cap only
@@ -85,6 +86,15 @@ def n_forced_max(n_kv: int, window: int, stride: int) -> int:
 def n_kv_max(n_kv: int, top_k: int, window: int, stride: int) -> int:
     """The flash-attention hint: an upper bound of the finite entries in every mask row."""
     return min(n_kv, top_k + n_forced_max(n_kv, window, stride))
+
+
+# llama.cpp selects blocks only for ubatches of at least this many tokens, single keys otherwise
+MIN_TOKENS_FOR_BLOCKS = 64
+
+
+def block_size_for(n_tokens: int, block_size: int) -> int:
+    """The block size llama.cpp uses for a ubatch of n_tokens (1 when decoding)."""
+    return block_size if n_tokens >= MIN_TOKENS_FOR_BLOCKS else 1
 
 
 def uses_sparsek(n_kv: int, top_k: int, window: int, stride: int) -> bool:
@@ -222,6 +232,7 @@ def sparsek_mask(
 
     if not uses_sparsek(n_kv, top_k, window, stride):
         return base_mask.copy()
+    block_size = block_size_for(n_tokens, block_size)
 
     forced = sparsek_forced(base_mask, positions_q, positions_k, window, stride)
     cand = candidate_blocks(base_mask, forced, block_size)

@@ -114,6 +114,26 @@ def test_smollm2_large_k_equals_dense(
     assert_close_to_dense(got, want, smollm2_path, toks, opts)
 
 
+def test_default_leaves_short_contexts_dense(smollm2_path: Path) -> None:
+    """Where the default would keep half of the keys or more, the graph is the dense one: same
+    logits bit for bit, no SparseK tensor, so prompts at small depth pay nothing for SparseK."""
+    seen: set[str] = set()
+
+    def cb(name: str, array: np.ndarray | None) -> bool:
+        seen.add(name)
+        return False
+
+    opts = {"n_ctx": 4096, "n_threads": 2}
+    with Llama(smollm2_path, **opts) as dense:  # type: ignore[arg-type]
+        toks = dense.tokenize("A long and winding road leads to the old mill. " * 200)[:2000]
+        want = dense.eval(toks)
+    with Llama(smollm2_path, sparsek=SparseK(), cb_eval=cb, **opts) as sk:  # type: ignore[arg-type]
+        got = sk.eval(toks)
+    assert not any(name.startswith("sparsek_") for name in seen)
+    assert any(name.startswith("kq") or name.startswith("Qcur") for name in seen)
+    np.testing.assert_array_equal(got, want)
+
+
 # ---------------------------------------------------------------- the mask, recomputed in numpy
 
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from sparsek_reference import (
     block_scores,
+    block_size_for,
     candidate_blocks,
     compare_kept,
     n_forced_max,
@@ -263,15 +264,15 @@ def test_candidate_blocks_are_fully_allowed_and_add_a_key():
 
 
 def test_blocks_are_selected_whole():
-    n_kv, block = 32, 4
-    base, pq, pk = causal(1, n_kv)
-    q = np.zeros((1, 1, 4), dtype=np.float32)
-    q[0, 0, 0] = 1.0
+    n_kv, block = 128, 4
+    base, pq, pk = causal(64, n_kv)  # blocks need a ubatch of 64 tokens
+    q = np.zeros((64, 1, 4), dtype=np.float32)
+    q[:, 0, 0] = 1.0
     k = np.zeros((n_kv, 1, 4), dtype=np.float32)
     k[9, 0, 0] = 50.0  # block 2 (cells 8..11) has the best key
     k[20, 0, 0] = 40.0  # block 5 (cells 20..23) the second best
-    m = sparsek_mask(q, k, base, pq, pk, top_k=8, window=2, stride=0, block_size=block)
-    assert kept(m, 0) == [8, 9, 10, 11, 20, 21, 22, 23, 30, 31]
+    m = sparsek_mask(q, k, base, pq, pk, top_k=8, window=4, stride=0, block_size=block)
+    assert kept(m, 63) == [8, 9, 10, 11, 20, 21, 22, 23, 124, 125, 126, 127]
 
 
 def test_blocks_never_unmask():
@@ -318,6 +319,22 @@ def test_n_kv_max_bounds_random_block_masks():
         assert not np.any(np.isfinite(m) & ~np.isfinite(base))
         if window > 0 or stride > 0:
             assert np.all(np.isfinite(m).any(axis=1) == np.isfinite(base).any(axis=1))
+
+
+def test_few_tokens_select_single_keys():
+    # the same row decoded alone (1 token) selects keys, in a 64-token ubatch blocks
+    n_kv = 256
+    base, pq, pk = causal(64, n_kv)
+    rng = np.random.default_rng(5)
+    q = rng.standard_normal((64, 2, 8)).astype(np.float32)
+    k = rng.standard_normal((n_kv, 1, 8)).astype(np.float32)
+    batch = sparsek_mask(q, k, base, pq, pk, 32, 16, 0, block_size=16)
+    alone = sparsek_mask(q[-1:], k, base[-1:], pq[-1:], pk, 32, 16, 0, block_size=16)
+    as_keys = sparsek_mask(q[-1:], k, base[-1:], pq[-1:], pk, 32, 16, 0, block_size=1)
+    np.testing.assert_array_equal(alone, as_keys)
+    starts = np.nonzero(np.isfinite(batch[-1, : n_kv - 16]))[0]
+    assert len(starts) == 32 and np.all(starts.reshape(2, 16) % 16 == np.arange(16))
+    assert block_size_for(63, 16) == 1 and block_size_for(64, 16) == 16
 
 
 def test_block_size_must_divide_top_k():
