@@ -369,8 +369,7 @@ def model_with(model: Path, overrides: Mapping[str, KvValue]) -> Iterator[Path]:
 
 
 def check_writable(model: Path, overrides: Mapping[str, KvValue]) -> None:
-    """Fail now, not after an hour of perplexity, if the GGUF editor refuses these keys (e.g. a
-    block_size key before the editor knows it)."""
+    """Fail now, not after an hour of perplexity, if the GGUF editor refuses these keys."""
     if overrides:
         set_metadata(model, gguf_updates(overrides), dry_run=True)
 
@@ -418,7 +417,7 @@ def _units(config: EvalConfig, text_tokens: int, n_variants: int) -> int:
 
 
 def _open(path: Path, config: EvalConfig, overrides: Mapping[str, KvValue]) -> Llama:
-    """A Llama with the SparseK keys (and block size, when given) as kv_overrides."""
+    """A Llama with the SparseK keys as kv_overrides."""
     return Llama(
         path,
         n_ctx=config.n_ctx,
