@@ -44,47 +44,20 @@ class EvalError(RuntimeError):
 # --------------------------------------------------------------------------- the grid
 
 
-@dataclass(frozen=True)
-class Setting:
-    """One SparseK point of the grid."""
-
-    top_k: int
-    window: int
-    block_size: int = 1
-    stride: int = 0
-
-    def __post_init__(self) -> None:
-        self.sparsek  # noqa: B018 -- SparseK validates the values
-
-    @property
-    def sparsek(self) -> SparseK:
-        return SparseK(
-            top_k=self.top_k, window=self.window, stride=self.stride, block_size=self.block_size
-        )
-
-    @property
-    def label(self) -> str:
-        stride = "" if self.stride == 0 else f"/s{self.stride}"
-        return f"k{self.top_k}/w{self.window}/b{self.block_size}{stride}"
-
-    def kv_overrides(self, arch: str) -> dict[str, KvValue]:
-        """The `<arch>.sparsek.*` keys for this setting."""
-        return dict(self.sparsek.kv_overrides(arch))
-
-
-def parse_grid(text: str) -> tuple[Setting, ...]:
-    """`top_k:window[:block_size]` items separated by commas, e.g. `256:128,128:64:16`."""
+def parse_grid(text: str) -> tuple[SparseK, ...]:
+    """`top_k:window[:block_size]` items (block size 1 if omitted) separated by commas,
+    e.g. `256:128,128:64:16`."""
     items = [item.strip() for item in text.split(",")]
     if not text.strip() or not all(items):
         raise ValueError(f"grid {text!r}: expected top_k:window[:block], comma-separated")
     settings = tuple(_parse_setting(item) for item in items)
-    dupes = sorted({s.label for s in settings if settings.count(s) > 1})
+    dupes = sorted({label(s) for s in settings if settings.count(s) > 1})
     if dupes:
         raise ValueError(f"grid {text!r} repeats {', '.join(dupes)}")
     return settings
 
 
-def _parse_setting(item: str) -> Setting:
+def _parse_setting(item: str) -> SparseK:
     parts = item.split(":")
     if len(parts) not in (2, 3):
         raise ValueError(f"grid item {item!r}: expected top_k:window[:block]")
@@ -93,7 +66,8 @@ def _parse_setting(item: str) -> Setting:
     except ValueError:
         raise ValueError(f"grid item {item!r}: values must be integers") from None
     try:
-        return Setting(*numbers)
+        top_k, window, *block = numbers
+        return SparseK(top_k=top_k, window=window, block_size=block[0] if block else 1)
     except ValueError as e:
         raise ValueError(f"grid item {item!r}: {e}") from None
 
@@ -112,8 +86,12 @@ def parse_ints(values: Sequence[str], what: str) -> tuple[int, ...]:
     return tuple(out)
 
 
-def label(setting: Setting | None) -> str:
-    return DENSE if setting is None else setting.label
+def label(setting: SparseK | None) -> str:
+    """`dense`, or the setting as `k<top_k>/w<window>/b<block_size>[/s<stride>]`."""
+    if setting is None:
+        return DENSE
+    stride = "" if setting.stride == 0 else f"/s{setting.stride}"
+    return f"k{setting.top_k}/w{setting.window}/b{setting.block_size}{stride}"
 
 
 # --------------------------------------------------------------------------- configuration
@@ -200,7 +178,7 @@ class Speed:
 @dataclass
 class VariantResult:
     label: str
-    setting: Setting | None
+    setting: SparseK | None
     perplexity: list[Perplexity] = field(default_factory=list)
     agreement: Agreement | None = None
     speed: list[Speed] = field(default_factory=list)
@@ -443,7 +421,7 @@ def evaluate_model(
     model: str,
     path: Path,
     text: str,
-    grid: Sequence[Setting],
+    grid: Sequence[SparseK],
     config: EvalConfig,
     progress: _Progress,
 ) -> ModelResult:
@@ -485,7 +463,7 @@ def evaluate_model(
 def evaluate(
     models: Sequence[tuple[str, Path]],
     text: str,
-    grid: Sequence[Setting],
+    grid: Sequence[SparseK],
     config: EvalConfig,
     *,
     corpus: str = "",
@@ -644,7 +622,6 @@ __all__ = [
     "ModelResult",
     "Perplexity",
     "Report",
-    "Setting",
     "Speed",
     "VariantResult",
     "agreement",

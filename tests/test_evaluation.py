@@ -18,11 +18,11 @@ from llama_sparsek.cli_eval import eval_command
 from llama_sparsek.evaluation import (
     EvalConfig,
     EvalError,
-    Setting,
     agreement,
     depth_for,
     gguf_updates,
     greedy,
+    label,
     parse_bench,
     parse_grid,
     parse_ints,
@@ -32,6 +32,7 @@ from llama_sparsek.evaluation import (
 )
 from llama_sparsek.gguf import GGUFType
 from llama_sparsek.llama import Llama
+from llama_sparsek.sparsek import SparseK
 
 TEXT = " ".join(["the cat and the dog sat in the sun, and it is the end of it."] * 60)
 
@@ -48,8 +49,8 @@ def _app() -> typer.Typer:
 
 def test_parse_grid_reads_top_k_window_and_optional_block() -> None:
     grid = parse_grid("256:128, 128:64:16")
-    assert grid == (Setting(256, 128), Setting(128, 64, 16))
-    assert [s.label for s in grid] == ["k256/w128/b1", "k128/w64/b16"]
+    assert grid == (SparseK(256, 128, block_size=1), SparseK(128, 64, block_size=16))
+    assert [label(s) for s in grid] == ["k256/w128/b1", "k128/w64/b16"]
     assert grid[0].kv_overrides("llama")["llama.sparsek.block_size"] == 1
     assert grid[1].kv_overrides("qwen2") == {
         "qwen2.sparsek.enable": True,
@@ -190,7 +191,7 @@ def test_parse_bench_names_tests_like_llama_bench() -> None:
 
 
 def test_gguf_updates_types_match_the_editor() -> None:
-    updates = gguf_updates(Setting(64, 32).kv_overrides("llama"))
+    updates = gguf_updates(SparseK(64, 32).kv_overrides("llama"))
     assert updates["llama.sparsek.enable"] == (GGUFType.BOOL, True)
     assert updates["llama.sparsek.top_k"] == (GGUFType.UINT32, 64)
 
