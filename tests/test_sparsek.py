@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import re
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +37,17 @@ def graph_patch_present(tiny: Path) -> bool:
 def _needs_graph_patch(tiny_model: Path) -> None:
     if not graph_patch_present(tiny_model):
         pytest.skip("the installed llama.cpp lacks the SparseK graph patch")
+
+
+def _graph_names() -> tuple[set[str], Callable[[str, np.ndarray | None], bool]]:
+    """An eval callback that records the name of every graph tensor (and fetches none)."""
+    seen: set[str] = set()
+
+    def cb(name: str, array: np.ndarray | None) -> bool:
+        seen.add(name)
+        return False
+
+    return seen, cb
 
 
 def _tokens(n: int, seed: int = 0) -> list[int]:
@@ -87,12 +99,7 @@ def test_keeping_every_allowed_key_equals_dense(
     }
     with Llama(tiny_model, **opts) as dense:  # type: ignore[arg-type]
         want = dense.eval(tokens)
-    seen: set[str] = set()
-
-    def cb(name: str, array: np.ndarray | None) -> bool:
-        seen.add(name)
-        return False
-
+    seen, cb = _graph_names()
     with Llama(tiny_model, sparsek=settings, cb_eval=cb, **opts) as sparse:  # type: ignore[arg-type]
         got = sparse.eval(tokens)
     assert "sparsek_mask-0" in seen  # the SparseK graph ran
@@ -117,12 +124,7 @@ def test_smollm2_large_k_equals_dense(
 def test_default_leaves_short_contexts_dense(smollm2_path: Path) -> None:
     """Where the default would keep half of the keys or more, the graph is the dense one: same
     logits bit for bit, no SparseK tensor, so prompts at small depth pay nothing for SparseK."""
-    seen: set[str] = set()
-
-    def cb(name: str, array: np.ndarray | None) -> bool:
-        seen.add(name)
-        return False
-
+    seen, cb = _graph_names()
     opts = {"n_ctx": 4096, "n_threads": 2}
     with Llama(smollm2_path, **opts) as dense:  # type: ignore[arg-type]
         toks = dense.tokenize("A long and winding road leads to the old mill. " * 200)[:2000]
