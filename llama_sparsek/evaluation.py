@@ -33,7 +33,7 @@ from llama_sparsek.gguf import GGUFType, read_metadata, set_metadata
 from llama_sparsek.llama import KvValue, Llama
 from llama_sparsek.sparsek import SparseK
 
-DEFAULT_GRID = "1024:256:8,768:256:8,512:128:1"
+DEFAULT_GRID = "1280:256:8,1024:256:8,512:128:1"
 DENSE = "dense"
 
 

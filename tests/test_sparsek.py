@@ -58,21 +58,27 @@ def _tokens(n: int, seed: int = 0) -> list[int]:
 # ---------------------------------------------------------------- dense equivalence
 
 
+# unit roundoff of bf16 (2**-8) over that of f16 (2**-11)
+BF16_OVER_F16 = 8.0
+
+
 def assert_close_to_dense(
     got: np.ndarray, want: np.ndarray, path: Path, tokens: list[int], opts: dict[str, object]
 ) -> None:
     """Without flash attention the sparse mask gives the dense logits up to summation order.
 
-    With it, the sparse kernel rounds Q to f16 where the dense tiled kernel does not: the two differ
-    by rounding, amplified through the layers; the bound is how far the dense flash-attention
-    result itself is from the dense non-flash one.
+    With it, the kernels differ by rounding, amplified through the layers. The measured unit is how
+    far the dense flash-attention result is from the dense non-flash one (f16 rounding, 11-bit
+    mantissa); the sparse kernel's GEMMs round to bf16 where the CPU has bf16 dot products (8-bit
+    mantissa, 8x the unit roundoff), so the bound is 2 x 8 of those units. The kernel itself is
+    checked tightly against upstream's reference path by test-backend-ops (test_backend_ops.py).
     """
     if not opts["flash_attn"]:
         np.testing.assert_allclose(got, want, atol=2e-3, rtol=1e-3)
         return
     with Llama(path, **{**opts, "flash_attn": False, "type_v": "f16"}) as plain:  # type: ignore[arg-type]
         noise = float(np.abs(plain.eval(tokens) - want).max())
-    assert float(np.abs(got - want).max()) <= 2.0 * noise + 1e-3
+    assert float(np.abs(got - want).max()) <= 2.0 * BF16_OVER_F16 * noise + 1e-3
     assert (got.argmax(axis=1) == want.argmax(axis=1)).mean() >= 0.9
 
 
