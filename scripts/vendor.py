@@ -117,8 +117,12 @@ def fetch_sdist(pin: Pin) -> Path:
         dest.unlink()  # a corrupt cache entry is refetched, never used
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
-        # pip prepares the sdist's metadata, which needs scikit-build-core importable:
-        # --no-build-isolation uses ours (it is this project's build backend too)
+        # pip prepares the sdist's metadata, i.e. runs its build backend, as soon as it has
+        # the file: the pinned hash goes to pip (--require-hashes), which checks it right
+        # after the download, before anything from the archive runs. --no-build-isolation
+        # makes that backend (scikit-build-core, ours too) the installed one.
+        reqs = Path(tmp) / "requirements.txt"
+        reqs.write_text(f"{pin.package}=={pin.version} --hash=sha256:{pin.sha256}\n")
         cmd = [
             sys.executable,
             "-m",
@@ -129,7 +133,9 @@ def fetch_sdist(pin: Pin) -> Path:
             "--no-binary",
             ":all:",
             "--no-build-isolation",
-            f"{pin.package}=={pin.version}",
+            "--require-hashes",
+            "-r",
+            str(reqs),
             "--dest",
             tmp,
         ]

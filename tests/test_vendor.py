@@ -6,6 +6,7 @@ import importlib.util
 import shutil
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -113,3 +114,57 @@ def test_offline_checkout_must_be_the_pinned_commit(tmp_path: Path) -> None:
     with pytest.raises(vendor.VendorError, match=head) as err:
         vendor.export_checkout(vendor.load_pin(), other, tmp_path / "dest")
     assert vendor.load_pin().commit in str(err.value)
+
+
+def _evil_sdist(where: Path, marker: Path) -> Path:
+    """An sdist whose build backend, once imported, writes `marker` (code run from it)."""
+    src = where / "evil_pkg-1.0"
+    src.mkdir(parents=True)
+    (src / "pyproject.toml").write_text(
+        '[build-system]\nrequires = []\nbuild-backend = "backend"\nbackend-path = ["."]\n'
+        '[project]\nname = "evil-pkg"\nversion = "1.0"\n'
+    )
+    (src / "PKG-INFO").write_text("Metadata-Version: 2.1\nName: evil-pkg\nVersion: 1.0\n")
+    (src / "backend.py").write_text(
+        "import pathlib\n"
+        f"pathlib.Path({str(marker)!r}).write_text('ran')\n"
+        "def prepare_metadata_for_build_wheel(directory, config_settings=None):\n"
+        "    d = pathlib.Path(directory) / 'evil_pkg-1.0.dist-info'\n"
+        "    d.mkdir()\n"
+        "    (d / 'METADATA').write_text('Metadata-Version: 2.1\\nName: evil-pkg\\nVersion: 1.0\\n')\n"
+        "    return d.name\n"
+        "def build_wheel(directory, config_settings=None, metadata_directory=None):\n"
+        "    raise RuntimeError('not needed')\n"
+        "def get_requires_for_build_wheel(config_settings=None):\n"
+        "    return []\n"
+    )
+    index = where / "index"
+    index.mkdir()
+    sdist = index / "evil_pkg-1.0.tar.gz"
+    with tarfile.open(sdist, "w:gz") as tar:
+        tar.add(src, arcname=src.name)
+    return sdist
+
+
+@pytest.mark.parametrize("right_hash", [False, True])
+def test_sdist_hash_is_checked_before_its_code_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, right_hash: bool
+) -> None:
+    """A download whose hash is not the pin fails before pip runs anything from it; with the
+    right hash the same sdist's backend does run (so the marker can tell)."""
+    marker = tmp_path / "backend-ran"
+    sdist = _evil_sdist(tmp_path / "src", marker)
+    digest = vendor.sha256_file(sdist) if right_hash else "0" * 64
+    pin = vendor.Pin("c" * 40, "evil-pkg", "1.0", sdist.name, digest, "x", "y")
+    monkeypatch.setenv("LLAMA_SPARSEK_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(sdist.parent))
+    monkeypatch.setenv("PIP_NO_CACHE_DIR", "1")
+    if right_hash:
+        assert vendor.fetch_sdist(pin).read_bytes() == sdist.read_bytes()
+        assert marker.exists()
+    else:
+        with pytest.raises(vendor.VendorError, match="(?i)hash"):
+            vendor.fetch_sdist(pin)
+        assert not marker.exists()
+        assert not list((tmp_path / "home" / "cache" / "sdist").iterdir())
