@@ -7,6 +7,7 @@ Exit codes: 0 done, 1 an OS error (permissions, disk full), 2 a bad file or a ba
 from __future__ import annotations
 
 import json
+import math
 import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -46,7 +47,12 @@ FileArg = Annotated[
 ]
 OutOpt = Annotated[
     Path | None,
-    typer.Option("-o", "--out", help="Write the result to OUT (atomically; FILE is untouched)."),
+    typer.Option(
+        "-o",
+        "--out",
+        help="Write the result to OUT (atomically; FILE is untouched). OUT must be a new or "
+        "regular file other than FILE (use --in-place for FILE itself).",
+    ),
 ]
 InPlaceOpt = Annotated[
     bool,
@@ -77,13 +83,20 @@ def _errors() -> Iterator[None]:
 @app.command()
 def show(
     file: FileArg,
-    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    as_json: Annotated[
+        bool,
+        typer.Option(
+            "--json",
+            help="Machine-readable output (strict JSON: a NaN or infinite float is the string "
+            '"nan", "inf" or "-inf").',
+        ),
+    ] = False,
 ) -> None:
     """Header facts and every metadata key with its type and value."""
     with _errors():
         info = read_metadata(file)
     if as_json:
-        _echo(json.dumps(_info_json(info), indent=2))
+        _echo(json.dumps(_info_json(info), indent=2, allow_nan=False))
         return
     for line in _info_lines(info):
         _echo(line)
@@ -254,14 +267,21 @@ def _sparsek_summary(info: GGUFInfo) -> str:
     return typer.style(f"SparseK ({arch}): {settings}", fg=typer.colors.GREEN, bold=True)
 
 
+def _json_scalar(value: object) -> object:
+    """JSON has no NaN or infinity: such floats become the strings "nan", "inf", "-inf"."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
 def _json_value(kv: Field) -> dict[str, Any]:
     if kv.item_type is None:
-        return {"type": kv.type.name, "value": kv.value}
+        return {"type": kv.type.name, "value": _json_scalar(kv.value)}
     return {
         "type": kv.type.name,
         "item_type": kv.item_type.name,
         "length": kv.count,
-        "value": list(kv.items(PREVIEW_ITEMS)),
+        "value": [_json_scalar(v) for v in kv.items(PREVIEW_ITEMS)],
         "truncated": kv.count > PREVIEW_ITEMS,
     }
 
@@ -278,7 +298,9 @@ def _info_json(info: GGUFInfo) -> dict[str, Any]:
         "file_size": info.file_size,
         "arch": info.arch,
         "metadata": {key: _json_value(kv) for key, kv in info.fields.items()},
-        "sparsek": {key: kv.value for key, kv in info.fields.items() if is_sparsek_key(key)},
+        "sparsek": {
+            key: _json_value(kv)["value"] for key, kv in info.fields.items() if is_sparsek_key(key)
+        },
         "tensors": [
             {
                 "name": t.name,

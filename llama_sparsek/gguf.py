@@ -26,19 +26,20 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import itertools
 import math
 import mmap
 import os
 import stat
 import struct
-import tempfile
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from enum import IntEnum
 from pathlib import Path
 from typing import Literal, NamedTuple, TypeAlias
 
+from llama_sparsek import tempfiles
 from llama_sparsek.sparsek import (
     KEY_BLOCK_SIZE,
     KEY_ENABLE,
@@ -844,6 +845,18 @@ def _destination(
         raise GGUFError(f"{dest} is a directory, not a file to write")
     if not dest.parent.is_dir():
         raise GGUFError(f"{dest.parent} is not a directory")
+    if out is not None:
+        try:
+            st = dest.stat()
+        except FileNotFoundError:
+            return dest
+        if not stat.S_ISREG(st.st_mode):  # a FIFO or device would be replaced by a file
+            raise GGUFError(f"{out}: not a regular file; refusing to replace it")
+        if (st.st_dev, st.st_ino) == (info.stat.st_dev, info.stat.st_ino):
+            raise GGUFError(
+                f"{out} is the input file itself (-o leaves the input untouched): "
+                "use --in-place to edit it"
+            )
     return dest
 
 
@@ -952,24 +965,48 @@ def _last_difference(a: bytes, b: bytes, block: int = 4096) -> int:
 
 
 def _write_patch(info: GGUFInfo, offset: int, data: bytes) -> None:
-    fd = os.open(info.path, os.O_WRONLY)
-    try:
-        _check_unchanged(info, fd)
+    with _locked_source(info, os.O_RDWR) as fd:
         if os.pwrite(fd, data, offset) != len(data):
             raise OSError(errno.EIO, "short write", str(info.path))
         os.fsync(fd)
+
+
+@contextlib.contextmanager
+def _locked_source(info: GGUFInfo, flags: int = os.O_RDONLY) -> Iterator[int]:
+    """The file `info` was read from, opened and exclusively locked (flock) until the edit is
+    written, after checking that it is still that file with that header.
+
+    Editors take this lock around their check and their write (a patch, or the copy and the
+    rename), so of two concurrent edits of one file, the second sees the first's result and
+    fails ("changed since it was read") instead of silently overwriting it.
+    """
+    fd = os.open(info.path, flags)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        _check_unchanged(info, fd)
+        yield fd
     finally:
-        os.close(fd)
+        os.close(fd)  # releases the lock
 
 
 def _check_unchanged(info: GGUFInfo, fd: int) -> None:
-    """Refuse to write from a stale `info`: offsets would no longer match the file."""
+    """Refuse to write from a stale `info`: offsets would no longer match the file.
+
+    The path must still name the open file (a rewrite renames a new one over it), with the
+    same size and mtime, and the same header bytes (mtimes are only as fine as the kernel's
+    clock tick, so a header patch a moment ago may not show in them).
+    """
     now, then = os.fstat(fd), info.stat
-    if (now.st_dev, now.st_ino, now.st_size, now.st_mtime_ns) != (
-        then.st_dev,
-        then.st_ino,
-        then.st_size,
-        then.st_mtime_ns,
+    try:
+        named = os.stat(info.path)
+    except FileNotFoundError:
+        named = None
+    if (
+        named is None
+        or (named.st_dev, named.st_ino) != (now.st_dev, now.st_ino)
+        or (now.st_dev, now.st_ino, now.st_size, now.st_mtime_ns)
+        != (then.st_dev, then.st_ino, then.st_size, then.st_mtime_ns)
+        or os.pread(fd, len(info.header), 0) != info.header
     ):
         raise GGUFError(f"{info.path} changed since it was read; run the edit again")
 
@@ -981,9 +1018,8 @@ def _rewrite(info: GGUFInfo, pieces: list[Buffer], dest: Path) -> None:
     header_size = sum(len(p) for p in pieces)
     new_offset = _align(header_size, info.alignment)
     data_size = max(0, info.file_size - info.data_offset)
-    with open(info.path, "rb") as src:
-        _check_unchanged(info, src.fileno())
-        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    with _locked_source(info) as src_fd, open(src_fd, "rb", closefd=False) as src:
+        fd, tmp = tempfiles.mkstemp(dest)  # a killed rewrite's temp file is removed here
         try:
             try:
                 os.fchmod(fd, stat.S_IMODE(info.stat.st_mode))
