@@ -111,6 +111,35 @@ def models_pull(name: str) -> None:
         raise _fail(str(e)) from None
 
 
+@models_app.command("verify")
+def models_verify(
+    names: Annotated[
+        list[str] | None,
+        typer.Argument(show_default=False, help="Models to check (default: every pulled one)."),
+    ] = None,
+) -> None:
+    """Re-hash pulled models against their pins; exit 1 if one is damaged."""
+    try:
+        chosen = names or [n for n in models.REGISTRY if models.is_pulled(n)]
+        damaged = 0
+        for name in chosen:
+            problem = models.verify(name, full=True)
+            if problem is None:
+                typer.echo(f"{name}: ok")
+            else:
+                damaged += problem != "not pulled"
+                hint = (
+                    ""
+                    if problem == "not pulled"
+                    else f" (repair: llama-sparsek models pull {name})"
+                )
+                typer.echo(f"{name}: {problem}{hint}")
+    except (ValueError, OSError) as e:
+        raise _fail(str(e)) from None
+    if damaged:
+        raise typer.Exit(1)
+
+
 @models_app.command("path")
 def models_path(name: str) -> None:
     """Print where a model is (or will be) stored."""

