@@ -4,8 +4,17 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 import threading
 from typing import Any
+
+# On a failed GGML_ASSERT, ggml forks a debugger (or backtrace()) to print the stack; when two
+# compute threads fail at once, that fork in a multi-threaded process can deadlock, and the
+# process hangs instead of aborting. GGML_NO_BACKTRACE (read by ggml when the library loads
+# and when it aborts) makes an assert print its message and abort. LLAMA_SPARSEK_BACKTRACE=1
+# keeps ggml's backtraces (for debugging the native code).
+if not os.environ.get("LLAMA_SPARSEK_BACKTRACE"):
+    os.environ.setdefault("GGML_NO_BACKTRACE", "1")
 
 try:
     from llama_sparsek._llama_cffi import ffi as ffi

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import codecs
 import os
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -13,7 +14,7 @@ import numpy as np
 
 from llama_sparsek import _binding
 from llama_sparsek._binding import ffi, lib
-from llama_sparsek.gguf import read_metadata
+from llama_sparsek.gguf import GGUFInfo, read_metadata
 from llama_sparsek.sampling import Sampling
 from llama_sparsek.sparsek import SparseK
 
@@ -33,6 +34,22 @@ _CACHE_TYPES = {
     "q5_1": lib.GGML_TYPE_Q5_1,
 }
 _KEY_MAX = 128  # sizeof(llama_model_kv_override.key) and .val_str
+# bytes per element of each cache type (quantized types: block bytes / block elements)
+_CACHE_BYTES = {
+    "f32": 4.0,
+    "f16": 2.0,
+    "bf16": 2.0,
+    "q8_0": 34 / 32,
+    "q4_0": 18 / 32,
+    "q4_1": 20 / 32,
+    "q5_0": 22 / 32,
+    "q5_1": 24 / 32,
+}
+_INT32_MAX = 2**31 - 1  # the C int32 parameters (n_ctx, n_batch, n_threads ...)
+
+
+class ContextFullWarning(UserWarning):
+    """Generation stopped before max_tokens because the context is full."""
 
 
 def _kv_overrides(overrides: Mapping[str, KvValue]) -> Any:
@@ -62,17 +79,95 @@ def _kv_overrides(overrides: Mapping[str, KvValue]) -> Any:
 
 
 def _positive(name: str, value: int | None) -> None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if value is not None and (
+        isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= _INT32_MAX
+    ):
+        raise ValueError(f"{name} must be an int in [1, {_INT32_MAX}], got {value!r}")
+
+
+def _metadata_int(info: GGUFInfo, overrides: Mapping[str, KvValue], key: str) -> int | None:
+    """An integer hyperparameter as llama.cpp will read it (an override wins; for a per-layer
+    array, its largest item)."""
+    value: object = overrides.get(key)
+    if value is None and key in info.fields:
+        value = info.fields[key].value
+    items = getattr(value, "items", None)
+    if isinstance(items, tuple):
+        value = max((v for v in items if isinstance(v, int)), default=None)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def estimate_context_bytes(
+    info: GGUFInfo,
+    overrides: Mapping[str, KvValue],
+    n_ctx: int,
+    n_batch: int,
+    type_k: str = "f16",
+    type_v: str = "f16",
+) -> int:
+    """Upper estimate of the memory a context allocates: the KV cache and the logits buffer.
+
+    KV cache: n_ctx (rounded up to 256 as llama.cpp does) cells x layers x KV heads x (key
+    head size x type_k bytes + value head size x type_v bytes), from the model's metadata
+    (head sizes default to embedding_length / head_count). Sliding-window layers are counted
+    at full size, so this over-estimates such models. Logits: n_batch rows of n_vocab floats.
+    Compute buffers (tens of MB for small models) are not counted.
+    """
+    arch = info.require_arch()
+    n_layer = _metadata_int(info, overrides, f"{arch}.block_count") or 0
+    n_embd = _metadata_int(info, overrides, f"{arch}.embedding_length") or 0
+    n_head = _metadata_int(info, overrides, f"{arch}.attention.head_count") or 1
+    n_head_kv = _metadata_int(info, overrides, f"{arch}.attention.head_count_kv") or n_head
+    head_k = _metadata_int(info, overrides, f"{arch}.attention.key_length") or n_embd // n_head
+    head_v = _metadata_int(info, overrides, f"{arch}.attention.value_length") or head_k
+    tokens = info.fields.get("tokenizer.ggml.tokens")
+    n_vocab = tokens.count if tokens is not None else 0
+    cells = -(-n_ctx // 256) * 256
+    per_cell = n_layer * n_head_kv * (head_k * _CACHE_BYTES[type_k] + head_v * _CACHE_BYTES[type_v])
+    return int(cells * per_cell) + 4 * n_batch * n_vocab
+
+
+def available_memory() -> int | None:
+    """Bytes of memory the system can still give (MemAvailable), None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+class _EvalHook:
+    """The user's cb_eval and the first exception it raised during a decode."""
+
+    def __init__(self, callback: EvalCallback) -> None:
+        self.callback = callback
+        self.error: BaseException | None = None
+
+    def raise_error(self) -> None:
+        error, self.error = self.error, None
+        if error is not None:
+            raise error
 
 
 @ffi.def_extern()  # type: ignore[untyped-decorator]
 def _llama_sparsek_eval(tensor: Any, ask: bool, user_data: Any) -> bool:
-    callback: EvalCallback = ffi.from_handle(user_data)
-    name = ffi.string(tensor.name).decode()
-    if ask:
-        return bool(callback(name, None))
-    return bool(callback(name, _tensor_to_numpy(tensor)))
+    hook: _EvalHook = ffi.from_handle(user_data)
+    if hook.error is not None:  # a previous tensor failed: want nothing more of this decode
+        return False
+    try:
+        name = ffi.string(tensor.name).decode()
+        if ask:
+            return bool(hook.callback(name, None))
+        return bool(hook.callback(name, _tensor_to_numpy(tensor)))
+    except BaseException as e:  # re-raised by the decode that called us
+        hook.error = e
+        return False
 
 
 def _tensor_to_numpy(tensor: Any) -> np.ndarray:
@@ -131,10 +226,14 @@ class Llama:
         self.seed = seed
         Sampling(seed=seed)  # validates the seed
         # FileNotFoundError / GGUFError (a ValueError) for a missing or malformed file
-        self.arch = read_metadata(path).require_arch()
+        info = read_metadata(path)
+        self.arch = info.require_arch()
         overrides = dict(kv_overrides or {})
         if sparsek is not None:
             overrides.update(sparsek.kv_overrides(self.arch))
+        # llama.cpp caps a causal model's batch at n_ctx; so do we (the batch is allocated here)
+        n_batch = min(n_batch, n_ctx)
+        _check_memory(info, overrides, n_ctx, n_batch, type_k, type_v)
         self.sparsek = sparsek
         self._overrides = _kv_overrides(overrides)  # must outlive the load call
 
@@ -148,7 +247,8 @@ class Llama:
         self._model = ffi.gc(model, lib.llama_model_free)
 
         # the handle refers to the callback, not to self: no reference cycle through C
-        self._cb_eval = None if cb_eval is None else ffi.new_handle(cb_eval)
+        self._eval_hook = None if cb_eval is None else _EvalHook(cb_eval)
+        self._cb_eval = None if self._eval_hook is None else ffi.new_handle(self._eval_hook)
         cparams = lib.llama_context_default_params()
         cparams.n_ctx = n_ctx
         cparams.n_batch = n_batch
@@ -282,6 +382,11 @@ class Llama:
                 batch.logits[i] = all_logits or (last_chunk and i == len(chunk) - 1)
             _binding.clear_errors()
             rc = lib.llama_decode(ctx, batch)
+            if self._eval_hook is not None and self._eval_hook.error is not None:
+                # the computation stopped early: these positions hold no valid state
+                lib.llama_memory_clear(lib.llama_get_memory(ctx), True)
+                self._n_past = 0
+                self._eval_hook.raise_error()
             if rc != 0:
                 raise _binding.fail(f"llama_decode failed with code {rc}")
             self._n_past += len(chunk)
@@ -312,6 +417,7 @@ class Llama:
         """
         if not 1 <= start < len(tokens):
             raise ValueError(f"start must be in [1, {len(tokens)}), got {start}")
+        self._check_tokens(tokens)  # the last one is only a target, never decoded
         self.reset()
         if start > 1:
             self._decode(tokens[: start - 1], all_logits=False)
@@ -345,7 +451,15 @@ class Llama:
             if stop_at_eog and lib.llama_vocab_is_eog(self._vocab, token):
                 return
             yield token
-            if i + 1 == max_tokens or self._n_past >= self.n_ctx:
+            if i + 1 == max_tokens:
+                return
+            if self._n_past >= self.n_ctx:
+                warnings.warn(
+                    f"the context of {self.n_ctx} tokens is full: "
+                    f"{i + 1} of {max_tokens} tokens generated",
+                    ContextFullWarning,
+                    stacklevel=2,
+                )
                 return
             self._decode([token], all_logits=False)
 
@@ -387,6 +501,25 @@ class Llama:
     def generate(self, prompt: str, max_tokens: int = 128, **options: Any) -> str:
         """The whole completion of `prompt` (see stream() for the options)."""
         return "".join(self.stream(prompt, max_tokens, **options))
+
+
+def _check_memory(
+    info: GGUFInfo,
+    overrides: Mapping[str, KvValue],
+    n_ctx: int,
+    n_batch: int,
+    type_k: str,
+    type_v: str,
+) -> None:
+    """ValueError when the context would need more memory than the system has available."""
+    need = estimate_context_bytes(info, overrides, n_ctx, n_batch, type_k, type_v)
+    have = available_memory()
+    if have is not None and need > have:
+        raise ValueError(
+            f"n_ctx={n_ctx} with n_batch={n_batch} needs about {need / 2**30:.1f} GiB for the "
+            f"KV cache and logits, more than the {have / 2**30:.1f} GiB of available memory: "
+            "lower n_ctx (or use type_k/type_v='q8_0')"
+        )
 
 
 def log_softmax_pick(logits: np.ndarray, targets: Sequence[int]) -> np.ndarray:

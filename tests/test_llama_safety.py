@@ -1,0 +1,137 @@
+"""Bad arguments and failing callbacks give a clear Python error, never a wrong result or a
+crash: cb_eval exceptions, token ids, batch and context sizes, a full context, bad hparams."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import TINY
+
+from llama_sparsek import Llama
+from llama_sparsek.gguf import read_metadata
+from llama_sparsek.llama import ContextFullWarning, estimate_context_bytes
+
+pytestmark = pytest.mark.filterwarnings("error::llama_sparsek.llama.ContextFullWarning")
+
+TOKENS = [1, 300, 301, 302, 303, 304, 305, 306]
+
+
+class Boom(Exception):
+    pass
+
+
+@pytest.mark.parametrize("when", ["ask", "deliver"])
+def test_cb_eval_exception_is_raised_from_the_call(tiny_model: Path, when: str) -> None:
+    seen: list[str] = []
+
+    def callback(name: str, array: np.ndarray | None) -> bool:
+        seen.append(name)
+        if (array is None) == (when == "ask") and name.startswith("attn_norm"):
+            raise Boom(name)
+        return True
+
+    with Llama(tiny_model, n_ctx=64, n_threads=1) as reference:
+        expected = reference.eval(TOKENS)
+    with Llama(tiny_model, n_ctx=64, n_threads=1, cb_eval=callback) as llm:
+        with pytest.raises(Boom):
+            llm.eval(TOKENS)
+        n_calls = len(seen)
+        with pytest.raises(Boom):  # and again: the failure is not remembered across calls
+            llm.eval(TOKENS)
+        assert len(seen) == 2 * n_calls  # nothing more was asked after the failure
+    ok: list[str] = []
+
+    def record(name: str, array: np.ndarray | None) -> bool:
+        ok.append(name)
+        return True
+
+    with Llama(tiny_model, n_ctx=64, n_threads=1, cb_eval=record) as llm:
+        np.testing.assert_array_equal(llm.eval(TOKENS), expected)
+    assert len(ok) > n_calls
+
+
+def test_context_is_usable_after_a_callback_failure(tiny_model: Path) -> None:
+    fail = [True]
+
+    def callback(name: str, array: np.ndarray | None) -> bool:
+        if fail[0] and array is not None:
+            raise Boom(name)
+        return True
+
+    with Llama(tiny_model, n_ctx=64, n_threads=1) as reference:
+        expected = reference.logprobs(TOKENS)
+    with Llama(tiny_model, n_ctx=64, n_threads=1, cb_eval=callback) as llm:
+        with pytest.raises(Boom):
+            llm.logprobs(TOKENS)
+        fail[0] = False
+        np.testing.assert_allclose(llm.logprobs(TOKENS), expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("bad", [-1, TINY["n_vocab"], 2**40])
+def test_logprobs_checks_the_last_token(tiny_model: Path, bad: int) -> None:
+    with Llama(tiny_model, n_ctx=64, n_threads=1) as llm:
+        with pytest.raises(ValueError, match="out of range"):
+            llm.logprobs([1, bad])
+        with pytest.raises(ValueError, match="out of range"):
+            llm.logprobs([1, 300, bad], start=2)
+
+
+def test_huge_n_batch_is_capped_at_n_ctx(tiny_model: Path) -> None:
+    with Llama(tiny_model, n_ctx=64, n_threads=1) as llm:
+        expected = llm.eval(TOKENS)
+    with Llama(tiny_model, n_ctx=64, n_threads=1, n_batch=2**31 - 1, n_ubatch=2**31 - 1) as llm:
+        assert llm.n_batch == 64
+        np.testing.assert_array_equal(llm.eval(TOKENS), expected)
+
+
+@pytest.mark.parametrize("name", ["n_ctx", "n_batch", "n_ubatch", "n_threads"])
+def test_sizes_beyond_int32_are_value_errors(tiny_model: Path, name: str) -> None:
+    with pytest.raises(ValueError, match=name):
+        Llama(tiny_model, **{name: 2**31})  # type: ignore[arg-type]
+
+
+def test_huge_context_is_refused_before_allocating(tiny_model: Path) -> None:
+    code = (
+        "import resource, sys\n"
+        "from llama_sparsek import Llama\n"
+        "try:\n"
+        f"    Llama({str(tiny_model)!r}, n_ctx=10**9)\n"
+        "except ValueError as e:\n"
+        "    print('refused:', e)\n"
+        "print('maxrss_kb', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+    )
+    run = subprocess.run  # in the model's directory: the installed package, not the source tree
+    out = run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tiny_model.parent)
+    assert out.returncode == 0, out.stderr
+    assert "refused: n_ctx=1000000000" in out.stdout and "GiB" in out.stdout, out
+    assert int(out.stdout.split("maxrss_kb")[1]) < 1_000_000  # nothing near 512 GB was touched
+
+
+def test_the_kv_estimate_counts_layers_heads_and_types(tiny_model: Path) -> None:
+    info = read_metadata(tiny_model)
+    head = TINY["n_embd"] // TINY["n_head"]
+    per_cell = TINY["n_layer"] * TINY["n_head_kv"] * head * (2 + 2)  # f16 K and V
+    logits = 4 * 16 * TINY["n_vocab"]
+    assert estimate_context_bytes(info, {}, 512, 16) == 512 * per_cell + logits
+    assert estimate_context_bytes(info, {}, 500, 16) == 512 * per_cell + logits  # 256-cell pad
+    q8 = TINY["n_layer"] * TINY["n_head_kv"] * head * (34 / 32 + 2)
+    assert estimate_context_bytes(info, {}, 512, 16, type_k="q8_0") == int(512 * q8) + logits
+    doubled = estimate_context_bytes(info, {"llama.block_count": 4}, 512, 16)
+    assert doubled == 2 * 512 * per_cell + logits
+
+
+def test_generate_says_when_the_context_ends_it(tiny_model: Path) -> None:
+    with Llama(tiny_model, n_ctx=64, n_threads=1) as llm:
+        n_ctx = llm.n_ctx
+        prompt = [1] + [260 + i % 60 for i in range(n_ctx - 6)]  # 5 cells left
+        with pytest.warns(ContextFullWarning, match="6 of 10 tokens"):
+            got = list(llm.generate_tokens(prompt, 10, stop_at_eog=False))
+        assert len(got) == 6  # the last one is sampled from the full context, not decoded
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert len(list(llm.generate_tokens(prompt, 6, stop_at_eog=False))) == 6
