@@ -111,7 +111,12 @@ def test_verify_hashes_once_per_change(tmp_path: Path, monkeypatch: pytest.Monke
     path = models.pull("fake", progress=False)
     hashed: list[Path] = []
     real = models._file_sha256
-    monkeypatch.setattr(models, "_file_sha256", lambda p: hashed.append(p) or real(p))
+
+    def counting(p: Path) -> str:
+        hashed.append(p)
+        return real(p)
+
+    monkeypatch.setattr(models, "_file_sha256", counting)
     assert models.verify("fake") is None and models.verify("fake") is None
     assert hashed == []  # the stamp written by pull vouches for the file
     _flip_byte(path, keep_mtime=True)

@@ -131,7 +131,8 @@ def _evil_sdist(where: Path, marker: Path) -> Path:
         "def prepare_metadata_for_build_wheel(directory, config_settings=None):\n"
         "    d = pathlib.Path(directory) / 'evil_pkg-1.0.dist-info'\n"
         "    d.mkdir()\n"
-        "    (d / 'METADATA').write_text('Metadata-Version: 2.1\\nName: evil-pkg\\nVersion: 1.0\\n')\n"
+        "    meta = 'Metadata-Version: 2.1\\nName: evil-pkg\\nVersion: 1.0\\n'\n"
+        "    (d / 'METADATA').write_text(meta)\n"
         "    return d.name\n"
         "def build_wheel(directory, config_settings=None, metadata_directory=None):\n"
         "    raise RuntimeError('not needed')\n"
@@ -164,7 +165,7 @@ def test_sdist_hash_is_checked_before_its_code_runs(
         assert vendor.fetch_sdist(pin).read_bytes() == sdist.read_bytes()
         assert marker.exists()
     else:
-        with pytest.raises(vendor.VendorError, match="(?i)hash"):
+        with pytest.raises(vendor.VendorError, match=r"(?i)hash"):
             vendor.fetch_sdist(pin)
         assert not marker.exists()
         assert not list((tmp_path / "home" / "cache" / "sdist").iterdir())
