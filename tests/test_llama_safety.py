@@ -135,3 +135,36 @@ def test_generate_says_when_the_context_ends_it(tiny_model: Path) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             assert len(list(llm.generate_tokens(prompt, 6, stop_at_eog=False))) == 6
+
+
+def test_an_edited_bad_model_is_a_cli_error(tiny_model: Path, tmp_path: Path) -> None:
+    """The issue's `gguf set --kv llama.block_count=u32:0` then `generate` (was exit 134)."""
+    from typer.testing import CliRunner
+
+    from llama_sparsek.cli import app
+
+    bad = tmp_path / "bc0.gguf"
+    args = ["gguf", "set", str(tiny_model), "--kv", "llama.block_count=u32:0", "-o", str(bad)]
+    assert CliRunner().invoke(app, args).exit_code == 0
+    result = CliRunner().invoke(app, ["generate", "the", "-m", str(bad), "-n", "2"])
+    assert result.exit_code == 2
+    assert "block_count = 0" in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(("env", "expected"), [({}, "1"), ({"LLAMA_SPARSEK_BACKTRACE": "1"}, "-")])
+def test_ggml_backtraces_are_off_unless_asked(
+    tmp_path: Path, env: dict[str, str], expected: str
+) -> None:
+    """ggml's fork-a-debugger backtrace can deadlock when two threads assert at once."""
+    import os
+
+    code = "import os, llama_sparsek._binding; print(os.environ.get('GGML_NO_BACKTRACE', '-'))"
+    clean = {k: v for k, v in os.environ.items() if k != "GGML_NO_BACKTRACE"}
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**clean, **env},
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert out.stdout.strip() == expected, out.stderr
