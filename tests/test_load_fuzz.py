@@ -534,7 +534,9 @@ class Loader:
         with open(self.log, errors="replace") as f:
             f.seek(start)
             lines = [s for s in f.read().splitlines() if s.strip()]
-        return " | ".join(lines[-3:])[-400:]
+        # the assert's message, not the debugger's backtrace that ggml may print after it
+        found = [s for s in lines if "GGML_ASSERT" in s or "error" in s.lower()]
+        return " | ".join(found[:2] or lines[-3:])[-400:]
 
     def close(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -645,6 +647,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--cases", type=int, default=DEFAULT_CASES)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--start", type=int, default=0, help="first case index")
     parser.add_argument("--case", help="SEED:INDEX, one case")
     parser.add_argument("--show", action="store_true", help="print every case's outcome")
     args = parser.parse_args(argv)
@@ -662,7 +665,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             seed, index = (int(x) for x in args.case.split(":"))
             indices: Sequence[int] = [index]
         else:
-            seed, indices = args.seed, range(args.cases)
+            seed, indices = args.seed, range(args.start, args.start + args.cases)
         tally: collections.Counter[str] = collections.Counter()
         messages: collections.Counter[str] = collections.Counter()
         start = time.monotonic()
