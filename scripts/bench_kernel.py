@@ -3,7 +3,8 @@
 
     python scripts/bench_kernel.py --quick
     python scripts/bench_kernel.py --bin build/bin/test-backend-ops
-    python scripts/bench_kernel.py --dense --bin new/test-backend-ops --baseline old/test-backend-ops --repeat 3
+    python scripts/bench_kernel.py --dense --bin new/test-backend-ops \
+        --baseline old/test-backend-ops --repeat 3
 
 Runs `test-backend-ops perf -b CPU -o FLASH_ATTN_EXT` on its SparseK perf cases
 (test_flash_attn_ext_sparsek) and prints, for each shape (keys, queries, head dim, GQA, K/V type):
@@ -125,7 +126,7 @@ def alternation(values: tuple[int, ...] | tuple[str, ...]) -> str:
 
 
 def params_filter(subset: str) -> str:
-    """Regex on the perf cases' parameters (test-backend-ops -p) for the subset all, quick or dense."""
+    """Regex on the perf cases' parameters (test-backend-ops -p) for a subset: all, quick, dense."""
     if subset == "all":
         return "^layout=(causal|sparsek|blocks),"
     if subset == "dense":
@@ -279,8 +280,14 @@ def report_tflops(times: dict[Case, float], base: dict[Case, float]) -> None:
     cases = sorted(
         times,
         key=lambda c: (
-            c.shape.n_queries, c.shape.type_kv, c.shape.head_dim, c.shape.gqa, c.shape.n_kv,
-            c.layout, c.kept, c.hint,
+            c.shape.n_queries,
+            c.shape.type_kv,
+            c.shape.head_dim,
+            c.shape.gqa,
+            c.shape.n_kv,
+            c.layout,
+            c.kept,
+            c.hint,
         ),
     )
     head = (
@@ -306,7 +313,7 @@ def report_tflops(times: dict[Case, float], base: dict[Case, float]) -> None:
     print()
     print("TFLOP/s: 4 * queries * attended keys * head dim * heads per second")
     if base:
-        print("base: the same case on --baseline; x: TFLOP/s over the baseline's (best of --repeat)")
+        print("base: the same case on --baseline; x: TFLOP/s over the baseline's, best of --repeat")
     print()
 
 
