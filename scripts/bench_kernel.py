@@ -3,6 +3,8 @@
 
     python scripts/bench_kernel.py --quick
     python scripts/bench_kernel.py --bin build/bin/test-backend-ops
+    python scripts/bench_kernel.py --dense --bin new/test-backend-ops \
+        --baseline old/test-backend-ops --repeat 3
 
 Runs `test-backend-ops perf -b CPU -o FLASH_ATTN_EXT` on its SparseK perf cases
 (test_flash_attn_ext_sparsek) and prints, for each shape (keys, queries, head dim, GQA, K/V type):
@@ -13,6 +15,12 @@ Runs `test-backend-ops perf -b CPU -o FLASH_ATTN_EXT` on its SparseK perf cases
       sparse/dense   speed-up of the sparse mask with the hint (new sparse path) over dense causal
       hint/no-hint   speed-up of the same mask with the hint over without it (upstream paths)
       blocks/dense   speed-up of a block-sparse mask without the hint over dense (tile skipping)
+
+then the attention TFLOP/s of every case: 4 * queries * attended keys * head dim * query heads per
+run, the attended keys of a causal row being its position + 1 (the queries are the last positions),
+of a sparse row its kept keys. With --baseline, the same cases run on a second binary (another
+build of the CPU backend), the two interleaved --repeat times, best of each: TFLOP/s side by side
+and their ratio.
 
 The binary comes from --bin, else $LLAMA_SPARSEK_BIN_DIR/test-backend-ops, else the one bundled
 with the installed llama_sparsek package, else test-backend-ops on PATH.
@@ -32,7 +40,7 @@ from pathlib import Path
 
 BIN_NAME = "test-backend-ops"
 
-N_KV = (4096, 8192, 16384, 32768)
+N_KV = (2048, 4096, 8192, 16384, 32768)
 N_QUERIES = (1, 512)
 KEPT = (64, 256, 1024)
 HEAD_DIMS = (64, 128)
@@ -45,6 +53,9 @@ QUICK_KEPT = (256,)
 QUICK_HEAD_DIMS = (128,)
 QUICK_GQA = (4,)
 QUICK_TYPES = ("f16",)
+
+# dense prefill: causal masks, 512 queries
+DENSE_N_KV = (2048, 8192)
 
 # targets of the issue, on the 2-core machine (head dim 128, GQA 4, f16)
 TARGET_PREFILL = 12.0  # 8192 keys, 512 queries, 256 kept: sparse at least 12x faster than dense
@@ -114,10 +125,15 @@ def alternation(values: tuple[int, ...] | tuple[str, ...]) -> str:
     return "(" + "|".join(str(x) for x in values) + ")"
 
 
-def params_filter(quick: bool) -> str:
-    """Regex on the perf cases' parameters (test-backend-ops -p)."""
-    if not quick:
+def params_filter(subset: str) -> str:
+    """Regex on the perf cases' parameters (test-backend-ops -p) for a subset: all, quick, dense."""
+    if subset == "all":
         return "^layout=(causal|sparsek|blocks),"
+    if subset == "dense":
+        return (
+            f"^layout=causal,hs=[0-9]+,nh=[0-9]+,nr2=[0-9]+,kv={alternation(DENSE_N_KV)},"
+            f"nb={max(N_QUERIES)},.*type_KV=f16,.*hint=0"
+        )
     halves = alternation((0, *(k // 2 for k in QUICK_KEPT)))
     return (
         f"^layout=(causal|sparsek|blocks),hs={alternation(QUICK_HEAD_DIMS)},nh=[0-9]+,"
@@ -126,9 +142,24 @@ def params_filter(quick: bool) -> str:
     )
 
 
-def run_perf(binary: Path, quick: bool) -> dict[Case, float]:
+def attended_keys(case: Case) -> float:
+    """Mean keys a query row attends to: the queries are the last positions of the keys."""
+    s = case.shape
+    first = s.n_kv - s.n_queries + 1  # causal keys of the first query
+    limit = s.n_kv if case.layout == "causal" else case.kept
+    return sum(min(first + i, limit) for i in range(s.n_queries)) / s.n_queries
+
+
+def tflops(case: Case, us: float) -> float:
+    """Attention TFLOP/s: two GEMMs (scores, weighted V) of 2 FLOPs per multiply-add."""
+    s = case.shape
+    flops = 4.0 * s.n_queries * attended_keys(case) * s.head_dim * N_HEADS
+    return flops / (us * 1e-6) / 1e12
+
+
+def run_perf(binary: Path, subset: str) -> dict[Case, float]:
     """Run the perf cases, return us/run per case (test-backend-ops uses half the cores)."""
-    cmd = [str(binary), "perf", "-b", "CPU", "-o", "FLASH_ATTN_EXT", "-p", params_filter(quick)]
+    cmd = [str(binary), "perf", "-b", "CPU", "-o", "FLASH_ATTN_EXT", "-p", params_filter(subset)]
     print(
         "$ " + " ".join(f"'{c}'" if any(ch in c for ch in "|()^*$") else c for c in cmd),
         file=sys.stderr,
@@ -150,14 +181,29 @@ def run_perf(binary: Path, quick: bool) -> dict[Case, float]:
     return times
 
 
+def run_interleaved(
+    binary: Path, baseline: Path | None, subset: str, repeat: int
+) -> tuple[dict[Case, float], dict[Case, float]]:
+    """Best time per case of binary and baseline, run one after the other repeat times."""
+    best: dict[Case, float] = {}
+    best_base: dict[Case, float] = {}
+    for _ in range(repeat):
+        for target, out in ((binary, best), (baseline, best_base)):
+            if target is None:
+                continue
+            for case, us in run_perf(target, subset).items():
+                out[case] = min(us, out.get(case, us))
+    return best, best_base
+
+
 def ratio(num: float | None, den: float | None) -> float | None:
     if num is None or den is None or den == 0.0:
         return None
     return num / den
 
 
-def fmt(x: float | None, width: int = 7) -> str:
-    return f"{x:{width}.2f}" if x is not None else " " * (width - 1) + "-"
+def fmt(x: float | None, width: int = 7, digits: int = 2) -> str:
+    return f"{x:{width}.{digits}f}" if x is not None else " " * (width - 1) + "-"
 
 
 def report(times: dict[Case, float]) -> bool:
@@ -229,21 +275,82 @@ def report(times: dict[Case, float]) -> bool:
     return ok
 
 
+def report_tflops(times: dict[Case, float], base: dict[Case, float]) -> None:
+    """Print the attention TFLOP/s of every case, and of the baseline beside it."""
+    cases = sorted(
+        times,
+        key=lambda c: (
+            c.shape.n_queries,
+            c.shape.type_kv,
+            c.shape.head_dim,
+            c.shape.gqa,
+            c.shape.n_kv,
+            c.layout,
+            c.kept,
+            c.hint,
+        ),
+    )
+    head = (
+        f"{'n_kv':>6} {'nq':>4} {'hd':>4} {'gqa':>3} {'type':>5} {'layout':>8} {'kept':>5} "
+        f"{'hint':>4} {'TFLOP/s':>8}"
+    )
+    if base:
+        head += f" {'base':>8} {'x':>6}"
+    print(head)
+    print("-" * len(head))
+    for c in cases:
+        s = c.shape
+        tf = tflops(c, times[c])
+        row = (
+            f"{s.n_kv:>6} {s.n_queries:>4} {s.head_dim:>4} {s.gqa:>3} {s.type_kv:>5} "
+            f"{c.layout:>8} {c.kept or '-':>5} {int(c.hint):>4} {tf:8.3f}"
+        )
+        if base:
+            us_base = base.get(c)
+            tf_base = tflops(c, us_base) if us_base is not None else None
+            row += f" {fmt(tf_base, 8, 3)} {fmt(ratio(tf, tf_base), 6)}"
+        print(row)
+    print()
+    print("TFLOP/s: 4 * queries * attended keys * head dim * heads per second")
+    if base:
+        print("base: the same case on --baseline; x: TFLOP/s over the baseline's, best of --repeat")
+    print()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--bin", help=f"path to {BIN_NAME}")
-    parser.add_argument(
+    subset = parser.add_mutually_exclusive_group()
+    subset.add_argument(
         "--quick",
         action="store_true",
         help="subset: 8192 and 32768 keys, 256 kept, head dim 128, GQA 4, f16",
     )
+    subset.add_argument(
+        "--dense",
+        action="store_true",
+        help="subset: dense causal prefill, 512 queries over 2048 and 8192 keys, f16, no hint",
+    )
+    parser.add_argument(
+        "--baseline", help=f"a second {BIN_NAME} (another build) to run the same cases on"
+    )
+    parser.add_argument(
+        "--repeat", type=int, default=1, help="runs of each binary, interleaved, best of them"
+    )
     args = parser.parse_args()
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1")
 
     binary = find_bin(args.bin)
-    times = run_perf(binary, args.quick)
+    baseline = Path(args.baseline) if args.baseline else None
+    if baseline is not None and not baseline.is_file():
+        parser.error(f"--baseline {baseline} is not a file")
+    subset_name = "quick" if args.quick else "dense" if args.dense else "all"
+    times, base = run_interleaved(binary, baseline, subset_name, args.repeat)
     ok = report(times)
+    report_tflops(times, base)
     sys.exit(0 if ok else 1)
 
 
