@@ -205,7 +205,9 @@ class LlamaCppEngine:
         ]
 
 
-_TOKEN_LINE = re.compile(r"^\s*(\d+) -> '", re.MULTILINE)
+# `--verbose-prompt` lines: `<id> -> '<piece>'`, after the log's time stamp and level when
+# the output is not a terminal (`0.16.131.897 I `)
+_TOKEN_LINE = re.compile(r"^(?:[0-9.]+ [A-Z] )?\s*(\d+) -> '", re.MULTILINE)
 _PROMPT_EVAL = re.compile(r"prompt eval time =\s*([0-9.]+) ms /\s*(\d+) tokens")
 
 

@@ -68,6 +68,15 @@ def test_parse_completion_reads_the_prompt_eval_time() -> None:
     assert parse_completion(completion_output(ids, 1234.5), ids) == pytest.approx(1.2345)
 
 
+def test_parse_completion_reads_time_stamped_logs() -> None:
+    ids = [504, 198, 11]
+    out = "\n".join(
+        f"0.16.131.{i:03d} I {line}"
+        for i, line in enumerate(completion_output(ids, 5.0).splitlines())
+    )
+    assert parse_completion(out, ids) == pytest.approx(0.005)
+
+
 def test_parse_completion_rejects_other_token_ids() -> None:
     out = completion_output([1, 2, 3], 10.0)
     with pytest.raises(BenchError, match="first difference at position 1"):
