@@ -36,9 +36,11 @@ from llama_sparsek.prefill_profile import (
     MATMUL_PREFIX,
     REST,
     SELECTION,
+    WAIT,
     Profile,
     check_perf,
     record,
+    unstripped_builds,
 )
 from llama_sparsek.sparsek import SparseK
 
@@ -333,7 +335,7 @@ def profile_columns(profiles: Sequence[Profile]) -> list[str]:
         {c for p in profiles for c in p.counts if c.startswith(MATMUL_PREFIX)}
         - {ACTIVATIONS, MATMUL_OTHER}
     )
-    return [*types, ACTIVATIONS, MATMUL_OTHER, ATTENTION, SELECTION, REST]
+    return [*types, ACTIVATIONS, MATMUL_OTHER, ATTENTION, SELECTION, WAIT, REST]
 
 
 def profile_table(report: Report) -> str:
@@ -484,10 +486,13 @@ def _profile(
     results: Mapping[tuple[int, str], Result],
     log: Callable[[str], None],
 ) -> None:
+    # the installed libraries are stripped: a source checkout's build tree has them unstripped
+    symbols = unstripped_builds({Path(__file__).resolve().parent.parent, Path.cwd()})
     for n, prompt in prompts.items():
         for engine in engines:
             log(f"profiling {n} tokens, {engine.name} ...")
-            profile, output = record(perf, engine.command(model, files[n], n, threads))
+            command = engine.command(model, files[n], n, threads)
+            profile, output = record(perf, command, symbols)
             result = results[n, engine.name]
             result.profile = profile
             result.profiled_time = parse_completion(output, prompt.tokens)

@@ -13,7 +13,9 @@ profiled) is put in one category:
   (`ggml_vec_dot_q4_1_q8_1`, the repacked `ggml_gemm_q4_0_8x8_q8_0`, llamafile's
   `tinyBLAS_Q0_AVX<block_q8_0, ...>`); `mat mul (activations)` the quantization of the activations
   that feed them, `mat mul (other)` the rest of the op;
-- `rest`: everything else in the decode (norms, rope, adds, copies, graph building, waits).
+- `barrier waits`: threads waiting for each other between ops (OpenMP's barrier, where the
+  innermost user-space frame is in libgomp), which grows when the machine is overloaded;
+- `rest`: everything else in the decode (norms, rope, adds, copies, graph building).
 
 Sampling a CPU clock at a few hundred Hz costs a few percent; the profiled run's own time to
 first token is reported next to the shares, so the distortion is visible.
@@ -34,12 +36,15 @@ ATTENTION = "attention"
 SELECTION = "SparseK selection"
 ACTIVATIONS = "mat mul (activations)"
 MATMUL_OTHER = "mat mul (other)"
+WAIT = "barrier waits"
 REST = "rest"
 MATMUL_PREFIX = "mat mul "
 
 FREQUENCY_HZ = 250
 STACK_BYTES = 8192  # of each thread's stack copied per sample, for the unwinder
 
+_KERNEL = "([kernel.kallsyms])"
+_WAIT = re.compile(r"\(libgomp\.so[^)]*\)$|\bGOMP_barrier\b|\bggml_barrier\b")
 _IN_DECODE = re.compile(r"\bllama_decode\b|ggml_graph_compute")
 _ATTENTION = re.compile(r"flash_attn")
 _SELECTION_OPS = re.compile(r"ggml_compute_forward_(top_k|pool_1d|set_rows|fill)")
@@ -62,6 +67,9 @@ def categorize(stack: Sequence[str]) -> str | None:
     """The category of one sample (symbols, innermost first); None when it is not in a decode."""
     if not any(_IN_DECODE.search(f) for f in stack):
         return None
+    user = [f for f in stack if not f.endswith(_KERNEL)]
+    if user and _WAIT.search(user[0]):
+        return WAIT
     if any(_ATTENTION.search(f) for f in stack):
         return ATTENTION
     if any(_SELECTION_OPS.search(f) for f in stack):
@@ -85,7 +93,8 @@ _FRAME = re.compile(r"^\s+[0-9a-f]+\s+(.*?)(?:\+0x[0-9a-f]+)?(?:\s+\(([^()]*)\))
 
 def parse_stacks(script: Iterable[str]) -> Iterator[list[str]]:
     """The call stacks in `perf script` output (a header line per sample, then one indented
-    `address symbol+offset (dso)` line per frame, innermost first, then a blank line)."""
+    `address symbol+offset (dso)` line per frame, innermost first, then a blank line).
+    A frame is `symbol (dso file name)`, or the symbol alone when perf printed no dso."""
     stack: list[str] = []
     in_sample = False
     for line in script:
@@ -96,7 +105,8 @@ def parse_stacks(script: Iterable[str]) -> Iterator[list[str]]:
         elif line[0].isspace():
             found = _FRAME.match(line)
             if found:
-                stack.append(found.group(1))
+                symbol, dso = found.groups()
+                stack.append(f"{symbol} ({Path(dso).name or dso})" if dso else symbol)
         else:
             if in_sample:
                 yield stack
@@ -149,17 +159,35 @@ def check_perf() -> str:
     return perf
 
 
-def record(perf: str, cmd: Sequence[str]) -> tuple[Profile, str]:
-    """Run `cmd` under `perf record`; its profile and its own combined output."""
+def unstripped_builds(roots: Iterable[Path]) -> list[Path]:
+    """The libraries and tools of scikit-build trees under `roots` (`build/<tag>/bin`).
+
+    An installed wheel's libraries are stripped: perf would see only their exported symbols, and
+    the static kernels behind them would land in `[unknown]`. The build tree keeps the same
+    binaries unstripped, with the same build ids, so perf can symbolize through them."""
+    found: list[Path] = []
+    for root in roots:
+        for path in sorted(root.glob("build/*/bin/*")):
+            if path.is_file() and (path.name.startswith("lib") or path.name.startswith("llama-")):
+                found.append(path)
+    return found
+
+
+def record(perf: str, cmd: Sequence[str], symbols: Sequence[Path] = ()) -> tuple[Profile, str]:
+    """Run `cmd` under `perf record`; its profile and its own combined output. `symbols`:
+    unstripped copies of the binaries it runs (matched by build id)."""
     with tempfile.TemporaryDirectory(prefix="prefill-profile-") as tmp:
         data = Path(tmp) / "perf.data"
-        rec = [perf, "record", "-q", "-F", str(FREQUENCY_HZ), "--call-graph"]
+        ids = [perf, "--buildid-dir", str(Path(tmp) / "buildids")]  # not the user's ~/.debug
+        rec = [*ids, "record", "-q", "-N", "-F", str(FREQUENCY_HZ), "--call-graph"]
         rec += [f"dwarf,{STACK_BYTES}", "-o", str(data), "--", *cmd]
         proc = subprocess.run(rec, stdin=subprocess.DEVNULL, capture_output=True, text=True)
         output = proc.stdout + proc.stderr
         if proc.returncode != 0:
             raise ProfileError(f"perf record of {Path(cmd[0]).name} failed:\n{output[-2000:]}")
-        script = [perf, "script", "-i", str(data), "-F", "comm,tid,ip,sym", "--no-inline"]
+        for path in symbols:
+            subprocess.run([*ids, "buildid-cache", "-a", str(path)], capture_output=True)
+        script = [*ids, "script", "-i", str(data), "-F", "comm,tid,ip,sym", "--no-inline"]
         with subprocess.Popen(
             script, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, errors="replace"
         ) as p:

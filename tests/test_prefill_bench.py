@@ -36,6 +36,7 @@ from llama_sparsek.prefill_profile import (
     MATMUL_OTHER,
     REST,
     SELECTION,
+    WAIT,
     Profile,
     categorize,
     parse_stacks,
@@ -302,7 +303,9 @@ COMPUTE = ["ggml_graph_compute_thread", "ggml_graph_compute._omp_fn.0", "gomp_th
         (["ggml_compute_forward_pool_1d"], SELECTION),
         (["ggml_compute_forward_set_rows_f16"], SELECTION),
         (["ggml_compute_forward_fill"], SELECTION),
-        (["ggml_barrier"], REST),
+        (["ggml_barrier"], WAIT),
+        (["[unknown] (libgomp.so.1.0.0)", "ggml_compute_forward_mul_mat"], WAIT),
+        (["schedule ([kernel.kallsyms])", "GOMP_barrier (libgomp.so.1)"], WAIT),
         (["ggml_compute_forward_rms_norm_f32"], REST),
     ],
 )
@@ -312,7 +315,7 @@ def test_categorize(inner: list[str], category: str) -> None:
 
 def test_categorize_leaves_out_what_is_not_decoding() -> None:
     assert categorize(["llama_model_load", "main"]) is None
-    assert categorize(["gomp_team_barrier_wait_end", "gomp_thread_start"]) is None
+    assert categorize(["[unknown] (libgomp.so.1)", "[unknown] (libgomp.so.1)"]) is None
     assert categorize(["llm_graph_context::build_attn", "llama_decode", "main"]) == REST
 
 
@@ -330,23 +333,29 @@ llama-completion  1235
 llama-completion  1234
 \t    ffffffff81000 clear_page_rep+0x7 ([kernel.kallsyms])
 \t    7f0011 llama_model_load+0x10 (/b/libllama.so)
+
+llama-completion  1235
+\t    7f0022 [unknown] (/usr/lib/x86_64-linux-gnu/libgomp.so.1.0.0)
+\t    7f0033 ggml_graph_compute_thread
 """
 
 
 def test_parse_stacks_and_summarize() -> None:
     stacks = list(parse_stacks(PERF_SCRIPT.splitlines()))
     assert stacks[0] == [
-        "ggml_vec_dot_q4_1_q8_1",
-        "ggml_compute_forward_mul_mat",
-        "ggml_graph_compute_thread",
+        "ggml_vec_dot_q4_1_q8_1 (libggml-cpu.so)",
+        "ggml_compute_forward_mul_mat (libggml-cpu.so)",
+        "ggml_graph_compute_thread (libggml-cpu.so)",
     ]
-    assert stacks[1][0] == "void ggml::cpu::repack::gemm<block_q4_0, 8l, 8l>(int, float*)"
-    assert stacks[1][1] == "[unknown]"
-    assert stacks[2] == ["clear_page_rep", "llama_model_load"]
+    gemm = "void ggml::cpu::repack::gemm<block_q4_0, 8l, 8l>(int, float*)"
+    assert stacks[1][0] == f"{gemm} (libggml-cpu.so)"
+    assert stacks[1][1] == "[unknown] (libggml-cpu.so)"
+    assert stacks[2] == ["clear_page_rep ([kernel.kallsyms])", "llama_model_load (libllama.so)"]
+    assert stacks[3] == ["[unknown] (libgomp.so.1.0.0)", "ggml_graph_compute_thread"]
     profile = summarize(stacks)
-    assert profile.counts == {"mat mul q4_1": 1, "mat mul q4_0": 1}
-    assert (profile.samples, profile.decode_samples) == (3, 2)
-    assert profile.matmul_share == 1.0
+    assert profile.counts == {"mat mul q4_1": 1, "mat mul q4_0": 1, WAIT: 1}
+    assert (profile.samples, profile.decode_samples) == (4, 3)
+    assert profile.matmul_share == pytest.approx(2 / 3)
 
 
 def test_profile_table() -> None:
@@ -362,10 +371,10 @@ def test_profile_table() -> None:
         "mat mul q4_1",
         "mat mul q8_0",
     ]
-    assert head[-4:] == [ATTENTION, SELECTION, REST, "samples"]
+    assert head[-5:] == [ATTENTION, SELECTION, WAIT, REST, "samples"]
     cells = [c.strip() for c in lines[2].strip("|").split("|")]
     assert cells[:6] == ["7680", "sk", "1.05", "60.0%", "50.0%", "10.0%"]
-    assert cells[-4:] == ["30.0%", "5.0%", "5.0%", "100/120"]
+    assert cells[-5:] == ["30.0%", "5.0%", "0.0%", "5.0%", "100/120"]
     assert len(lines) == 3  # the unprofiled row is left out
 
 
