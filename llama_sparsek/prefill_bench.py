@@ -20,6 +20,7 @@ engine's best of N is reported, next to the upstream build's: these machines are
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -417,9 +418,15 @@ def run(config: BenchConfig, log: Callable[[str], None] = _stderr) -> Report:
         peers = [e for e in (PEER_DENSE, PEER_SPARSE) if e in config.engines]
         if peers:
             warmup = prompts[config.tokens[0]].tokens[:64]
-            timers.update(_peer_timers(peers, path, max(config.tokens), warmup, notes))
+            peer = _peer_timers(peers, path, max(config.tokens), config.threads, warmup, notes)
+            timers.update(peer)
         results = {(n, e): Result(n, e, labels[e]) for n in config.tokens for e in timers}
+        load_before = os.getloadavg()[0]
         measure(timers, prompts, config.repetitions, results, log)
+        notes.append(
+            f"load average {load_before:.1f} before and {os.getloadavg()[0]:.1f} after the "
+            f"timed runs, on {os.cpu_count()} CPUs"
+        )
         if perf is not None:
             _profile(perf, engines, path, files, prompts, config.threads, results, log)
     return Report(path.stem, list(results.values()), notes)
@@ -444,6 +451,7 @@ def _peer_timers(
     names: Sequence[str],
     model: Path,
     max_tokens: int,
+    threads: int,
     warmup: Sequence[int],
     notes: list[str],
 ) -> dict[str, Timer]:
@@ -460,6 +468,8 @@ def _peer_timers(
             f"{', '.join(unsupported)} tensors"
         )
         return {}
+    if os.cpu_count() != threads:
+        notes.append(f"OpenVINO GenAI uses all {os.cpu_count()} CPUs, not {threads} threads")
     timers: dict[str, Timer] = {}
     for name in names:
         engine = peer_openvino.PeerEngine(
