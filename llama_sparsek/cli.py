@@ -23,11 +23,13 @@ app.add_typer(models_app, name="models")
 
 
 def _add_subcommands() -> None:
+    from llama_sparsek.cli_bench import bench_command
     from llama_sparsek.cli_eval import eval_command
     from llama_sparsek.cli_gguf import app as gguf_app
 
     app.add_typer(gguf_app, name="gguf", help="Show, set and unset SparseK keys in GGUF files.")
     app.command("eval")(eval_command)
+    app.command("bench")(bench_command)
 
 
 _add_subcommands()
