@@ -32,7 +32,7 @@ from server_support import (
     serve,
 )
 
-from llama_sparsek import Llama, SparseK
+from llama_sparsek import Llama, SparseK, tools
 from llama_sparsek.cli_serve import free_port, http_ready, sparsek_args, stop
 
 SMOLLM_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
@@ -190,7 +190,8 @@ def test_cli_serve_stops_cleanly_on_a_signal(
     cmd = [sys.executable, "-m", "llama_sparsek", "serve", "-m", str(tiny_model)]
     cmd += ["--port", str(port), "--ctx", "256", "--threads", "1", "--", "--no-ui"]
     log = (tmp_path / "serve.log").open("wb")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    # from tmp_path: `-m` must find the installed package, not a source checkout
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
     try:
         ready = http_ready(f"http://127.0.0.1:{port}/health")
         for _ in range(600):
@@ -222,3 +223,21 @@ def test_cli_serve_rejects_bad_options(tiny_model: Path) -> None:
     assert "top_k" in result.output
     result = runner.invoke(app, ["serve", "-m", os.devnull + ".gguf"])
     assert result.exit_code == 2
+
+
+def test_the_bundled_programs_find_their_libraries() -> None:
+    """Every bundled program and library resolves its shared libraries from the package
+    (RPATH $ORIGIN/../_lib and $ORIGIN), the RPC backend's included."""
+    files = [tools.tool_path(name) for name in tools.TOOLS]
+    files += sorted((tools.PACKAGE_DIR / "_lib").glob("*.so"))
+    for path in files:
+        ldd = subprocess.run(["ldd", str(path)], capture_output=True, text=True, check=True)
+        assert "not found" not in ldd.stdout, f"{path.name}:\n{ldd.stdout}"
+    ldd = subprocess.run(
+        ["ldd", str(tools.tool_path("llama-server"))], capture_output=True, text=True
+    )
+    assert "libggml-rpc.so" in ldd.stdout
+    assert str(tools.PACKAGE_DIR / "_lib") in ldd.stdout.replace("/../_lib", "/_lib")
+    for name, flag in (("llama-server", "--version"), ("ggml-rpc-server", "--help")):
+        run = subprocess.run([tools.tool_path(name), flag], capture_output=True, timeout=60)
+        assert run.returncode == 0, run.stderr
