@@ -60,19 +60,19 @@ def sparsek_args(settings: SparseK | None, model: Path) -> list[str]:
     """llama.cpp command-line arguments (common to llama-server, llama-completion, ...) that run
     `model` with SparseK `settings`, or with SparseK off (None, whatever the GGUF says).
 
-    Today these are GGUF key overrides (`--override-kv <arch>.sparsek.top_k=int:1280`), so the
-    model's architecture is read from its header.
+    Today these are GGUF key overrides, one comma-separated `--override-kv` (llama.cpp warns
+    about a repeated one), so the model's architecture is read from its header.
     """
     from llama_sparsek.gguf import read_metadata
 
     arch = read_metadata(model).require_arch()
     if settings is None:
         return ["--override-kv", f"{sparsek_key(arch, KEY_ENABLE)}=bool:false"]
-    args: list[str] = []
-    for key, value in settings.kv_overrides(arch).items():
-        typed = f"bool:{str(value).lower()}" if isinstance(value, bool) else f"int:{value}"
-        args += ["--override-kv", f"{key}={typed}"]
-    return args
+    items = [
+        f"{key}=bool:{str(value).lower()}" if isinstance(value, bool) else f"{key}=int:{value}"
+        for key, value in settings.kv_overrides(arch).items()
+    ]
+    return ["--override-kv", ",".join(items)]
 
 
 def server_command(

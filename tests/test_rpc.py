@@ -65,9 +65,9 @@ def test_split_over_two_workers_equals_the_local_run(tiny_model: Path, tmp_path:
         with serve(tmp_path, tiny_model, SPARSE, ctx=SPARSE_CTX, extra=extra) as url:
             answer = ok(f"{url}/completion", greedy_body(prompt, n))
     assert answer["tokens"] == expected
-    log = "\n".join(p.read_text() for p in tmp_path.glob("llama-server-*.log"))
-    for endpoint in endpoints:  # both workers hold part of the model
-        assert f"RPC0[{endpoint}]" in log or f"[{endpoint}]" in log, log[-3000:]
+    for endpoint in endpoints:  # the server used both workers (the readiness probe is one)
+        log = (tmp_path / f"rpc-{endpoint.rsplit(':', 1)[1]}.log").read_text()
+        assert log.count("Accepted client connection") > 1, log
 
 
 def test_a_worker_killed_mid_request_is_an_error_not_a_hang(
