@@ -99,13 +99,14 @@ def serve(
     *,
     ctx: int,
     parallel: int = 1,
+    threads: int = 2,
     extra: Sequence[str] = (),
 ) -> Iterator[str]:
     """llama-server on a free loopback port, as `llama-sparsek serve` starts it; its base URL.
     Stopped on every way out; its log is `log_dir/llama-server-PORT.log`."""
     port = free_port()
     cmd = server_command(
-        model, settings, port=port, ctx=ctx, threads=2, parallel=parallel, extra=extra
+        model, settings, port=port, ctx=ctx, threads=threads, parallel=parallel, extra=extra
     )
     url = f"http://127.0.0.1:{port}"
     with running(cmd, http_ready(f"{url}/health"), log_dir / f"llama-server-{port}.log"):

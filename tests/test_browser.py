@@ -10,6 +10,7 @@ LLAMA_SPARSEK_SCREENSHOT=FILE.png keeps a screenshot of the answered page.
 from __future__ import annotations
 
 import base64
+import fcntl
 import json
 import os
 import queue
@@ -35,12 +36,21 @@ pytestmark = [
 ]
 
 
+def _above(fd: int, lowest: int) -> int:
+    """`fd` moved to a descriptor number >= `lowest` (the old one closed)."""
+    moved = fcntl.fcntl(fd, fcntl.F_DUPFD, lowest)
+    os.close(fd)
+    return moved
+
+
 class DevTools:
     """Chromium, headless, and its DevTools protocol over a pipe."""
 
     def __init__(self, exe: str, profile: Path, size: tuple[int, int] = (1100, 800)) -> None:
         to_browser_r, self._to_browser = os.pipe()
         self._from_browser, from_browser_w = os.pipe()
+        # the child's ends above 4, so that moving them to 3 and 4 never overwrites one
+        to_browser_r, from_browser_w = (_above(fd, 10) for fd in (to_browser_r, from_browser_w))
         args = [
             exe,
             "--headless=new",
@@ -56,10 +66,10 @@ class DevTools:
         # the protocol's fixed descriptors: 3 reads our commands, 4 carries the answers
         script = f'exec "$@" 3<&{to_browser_r} 4>&{from_browser_w}'
         self.proc = subprocess.Popen(
-            ["sh", "-c", script, "chromium", *args],
+            ["bash", "-c", script, "chromium", *args],
             pass_fds=(to_browser_r, from_browser_w),
             stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            stderr=(profile.parent / "chromium.log").open("wb"),
         )
         os.close(to_browser_r)
         os.close(from_browser_w)
@@ -154,13 +164,15 @@ def test_the_chat_page_answers_a_question(
     assert tools.ui_dir() is not None, "this install has no chat page"
     question = "What is the capital of France?"
     # greedy by default: the page sends no sampling settings of its own
-    with serve(tmp_path, smollm2_path, SparseK(), ctx=2048, extra=["--temp", "0"]) as url:
+    extra = ["--temp", "0", "--n-predict", "32"]
+    with serve(tmp_path, smollm2_path, SparseK(), ctx=2048, threads=1, extra=extra) as url:
         expected = ok(
             f"{url}/v1/chat/completions",
-            {"messages": [{"role": "user", "content": question}], "max_tokens": 64},
+            {"messages": [{"role": "user", "content": question}], "max_tokens": 32},
         )["choices"][0]["message"]["content"]
         page = Page(browser, url)
         page.wait_for("!!document.querySelector('textarea')")
+        time.sleep(2)  # the page wires up its input after the textarea first shows
         before = page.js("document.body.innerText")
         page.js("document.querySelector('textarea').focus()")
         page.type_and_enter(question)
