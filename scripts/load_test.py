@@ -20,6 +20,7 @@ import argparse
 import contextlib
 import json
 import math
+import signal
 import sys
 import tempfile
 import threading
@@ -188,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--deadline", type=float, default=900.0, help="seconds for all")
     parser.add_argument("--json", type=Path, help="write the report here")
     args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # stop our server on SIGTERM too
     for name in ("clients", "requests", "max_tokens", "parallel", "ctx"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")

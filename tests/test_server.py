@@ -69,13 +69,13 @@ def test_chat_uses_the_models_template(chat_url: str, smollm: Llama) -> None:
     question = "What is the capital of France?"
     answer = ok(
         f"{chat_url}/v1/chat/completions",
-        {"messages": [{"role": "user", "content": question}], "max_tokens": 24, "temperature": 0},
+        {"messages": [{"role": "user", "content": question}], "max_tokens": 16, "temperature": 0},
     )
     (choice,) = answer["choices"]
     assert choice["message"]["role"] == "assistant"
     prompt = smollm_chat_prompt(question)
     assert answer["usage"]["prompt_tokens"] == len(smollm.tokenize(prompt))
-    expected = smollm.generate(prompt, 24)
+    expected = smollm.generate(prompt, 16)
     assert choice["message"]["content"] == expected.strip()
     assert choice["finish_reason"] in ("stop", "length")
 
@@ -83,7 +83,7 @@ def test_chat_uses_the_models_template(chat_url: str, smollm: Llama) -> None:
 def test_chat_streaming_equals_non_streaming(chat_url: str) -> None:
     body: dict[str, Any] = {
         "messages": [{"role": "user", "content": "Name three colours."}],
-        "max_tokens": 24,
+        "max_tokens": 16,
         "temperature": 0,
     }
     whole = ok(f"{chat_url}/v1/chat/completions", body)["choices"][0]["message"]["content"]
@@ -111,7 +111,7 @@ def test_parallel_requests_each_get_their_own_answer(chat_url: str) -> None:
         "Once upon a time, a dragon",
         "The boiling point of water",
     ]
-    body = {"max_tokens": 16, "temperature": 0}
+    body = {"max_tokens": 12, "temperature": 0}
     alone = [ok(f"{chat_url}/completion", {**body, "prompt": p})["content"] for p in prompts]
     together: list[Any] = [None] * len(prompts)
 
