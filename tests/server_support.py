@@ -16,7 +16,7 @@ import numpy as np
 from llama_sparsek import Llama, SparseK
 from llama_sparsek.cli_serve import free_port, http_ready, running, server_command
 
-TIMEOUT = 120.0  # seconds for any one request: a hang fails the test instead of blocking it
+TIMEOUT = 300.0  # seconds for any one request: a hang fails the test instead of blocking it
 # few keys, so that a prompt of a few hundred tokens is attended sparsely
 SPARSE = SparseK(top_k=64, window=32, stride=0, block_size=8)
 SPARSE_CTX = 1024
