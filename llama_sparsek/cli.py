@@ -26,10 +26,12 @@ def _add_subcommands() -> None:
     from llama_sparsek.cli_bench import bench_command
     from llama_sparsek.cli_eval import eval_command
     from llama_sparsek.cli_gguf import app as gguf_app
+    from llama_sparsek.cli_serve import register as register_serve
 
     app.add_typer(gguf_app, name="gguf", help="Show, set and unset SparseK keys in GGUF files.")
     app.command("eval")(eval_command)
     app.command("bench")(bench_command)
+    register_serve(app)
 
 
 _add_subcommands()

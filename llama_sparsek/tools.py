@@ -1,4 +1,5 @@
-"""The upstream programs bundled with the package (test-backend-ops, llama-perplexity, ...)."""
+"""The upstream programs bundled with the package (test-backend-ops, llama-perplexity, ...,
+llama-server and the RPC worker ggml-rpc-server)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,16 @@ from typing import Any
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 BIN_DIR = PACKAGE_DIR / "_bin"
-TOOLS = ("test-backend-ops", "llama-perplexity", "llama-bench", "llama-completion")
+# llama-server's chat page (static files for its --path), when the build could provide it
+UI_DIR = PACKAGE_DIR / "_ui"
+TOOLS = (
+    "test-backend-ops",
+    "llama-perplexity",
+    "llama-bench",
+    "llama-completion",
+    "llama-server",
+    "ggml-rpc-server",
+)
 
 
 def tool_path(name: str) -> Path:
@@ -19,6 +29,11 @@ def tool_path(name: str) -> Path:
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing: reinstall llama-sparsek with `pip install .`")
     return path
+
+
+def ui_dir() -> Path | None:
+    """The directory of llama-server's chat page, or None when this install has none."""
+    return UI_DIR if (UI_DIR / "index.html").is_file() else None
 
 
 def build_info() -> dict[str, Any]:
