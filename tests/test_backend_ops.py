@@ -7,6 +7,7 @@ ops) run by default; the whole upstream FLASH_ATTN_EXT suite (~7 minutes on 2 co
 
 from __future__ import annotations
 
+import platform
 import re
 import subprocess
 
@@ -38,6 +39,16 @@ def test_sparsek_flash_attn_cases() -> None:
 def test_sparsek_mask_ops_case() -> None:
     passed, total = run_backend_ops("-o", "SPARSEK_MASK", timeout=600)
     assert total >= 1
+    assert passed == total
+
+
+def test_repack_mul_mat_cases() -> None:
+    # MUL_MAT/MUL_MAT_ID with the weights in CPU_REPACK (Q4_0, and Q4_1 of patch 0007); a CPU
+    # without a kernel for the type skips its cases, x86-64 (AVX2) has kernels for both types
+    passed, total = run_backend_ops(
+        "-o", "MUL_MAT,MUL_MAT_ID", "-p", "buft=CPU_REPACK", timeout=600
+    )
+    assert total >= (16 if platform.machine() in ("x86_64", "AMD64") else 1)
     assert passed == total
 
 
