@@ -253,6 +253,10 @@ def chat_command(
         )
         system = Path(file).read_text(encoding="utf-8") if file else None
         with open_llama(model, ctx, threads, settings) as llm:
+            if template is None and llm.chat_template() is None:
+                raise ValueError(
+                    f"{llm.model_path.name} has no chat template: pass --template, e.g. chatml"
+                )
             _chat_loop(llm, system, n, template, sampling, timings=timings, progress=progress)
     except _errors() as e:
         raise _fail(str(e)) from None

@@ -623,6 +623,11 @@ class Llama:
         tokens = self._chat_tokens(messages, template)
         yield from self._stream(tokens, max_tokens, settings, progress)
 
+    @_exclusive
+    def chat_template(self) -> str | None:
+        """The model's own chat template (the GGUF's tokenizer.chat_template), None if none."""
+        return chat.model_template(self._model)
+
     def _chat_tokens(self, messages: Sequence[Message], template: str | None) -> list[int]:
         if template is None:
             template = chat.model_template(self._model)

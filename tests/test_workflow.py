@@ -253,6 +253,7 @@ def test_state_written_atomically(
 
 
 def test_chat_needs_a_template(llm: Llama) -> None:
+    assert llm.chat_template() is None
     with pytest.raises(ValueError, match="no chat template"):
         llm.chat([{"role": "user", "content": "hi"}], 4)
 
@@ -351,6 +352,7 @@ def test_closed_llama_refuses_every_method(tiny_model: Path, tmp_path: Path) -> 
         lambda: next(m.generate_tokens([5], 1)),
         lambda: m.chat([{"role": "user", "content": "x"}], 1, template="chatml"),
         lambda: next(m.stream_chat([{"role": "user", "content": "x"}], 1, template="chatml")),
+        lambda: m.chat_template(),
         lambda: m.save_state(tmp_path / "s"),
         lambda: m.load_state(tmp_path / "s"),
     ]

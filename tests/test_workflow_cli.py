@@ -87,7 +87,7 @@ def test_chat_reads_questions_from_stdin(tiny_model: Path, tmp_path: Path) -> No
     args = ["chat", "-m", str(tiny_model), *BASE, "-f", str(doc), "-n", "4"]
     result = runner.invoke(app, [*args, "--template", "chatml"], input="the\n\nof it\n")
     assert result.exit_code == 0, result.output
-    result = runner.invoke(app, args, input="the\n")
+    result = runner.invoke(app, args, input="")  # refused before the first question
     assert result.exit_code == 2 and "no chat template" in result.output
 
 

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow
 CITIES = ["Arden", "Belmont", "Corvale", "Dunmore", "Eastwick", "Fairhaven", "Glenrock"]
 
 
-def long_document(n_entries: int = 180) -> str:
+def long_document(n_entries: int = 112) -> str:
     """A ~4,000-token register of made-up facts (deterministic)."""
     lines = ["The registry of the northern district lists the following entries."]
     for i in range(n_entries):
@@ -55,11 +55,36 @@ def test_second_question_with_sparsek_evaluates_only_the_question(smollm2_path: 
 
 
 def test_dense_reused_answer_equals_a_fresh_context(smollm2_path: Path) -> None:
-    with open_model(smollm2_path, None) as reused, open_model(smollm2_path, None) as fresh:
+    """Flash attention off: bit-identical logits, so the same greedy answer as a fresh context
+    that evaluates the whole prompt."""
+    with (
+        Llama(smollm2_path, n_ctx=8192, n_threads=2, flash_attn=False) as reused,
+        Llama(smollm2_path, n_ctx=8192, n_threads=2, flash_attn=False) as fresh,
+    ):
         reused.generate(Q1, 8)
-        want = list(fresh.generate_tokens(fresh.tokenize(Q2), 24))
         got = list(reused.generate_tokens(reused.tokenize(Q2), 24))
         assert reused.last_timings is not None and reused.last_timings.prefill_tokens < 25
+        want = list(fresh.generate_tokens(fresh.tokenize(Q2), 24))
+        assert fresh.last_timings is not None and fresh.last_timings.reused_tokens == 0
+    assert got == want
+
+
+def test_flash_attention_reused_answer_equals_a_fresh_context_with_its_batches(
+    smollm2_path: Path,
+) -> None:
+    """Flash attention on: llama.cpp's CPU kernel rounds differently for batches of fewer than
+    64 queries (a question after a reused document) than for larger ones, so the reference is
+    a fresh context (no removed tail, no reused cells) fed the same two batches."""
+    with open_model(smollm2_path, None) as reused, open_model(smollm2_path, None) as fresh:
+        reused.generate(Q1, 8)
+        question = reused.tokenize(Q2)
+        got = list(reused.generate_tokens(question, 24))
+        assert reused.last_timings is not None
+        shared = reused.last_timings.reused_tokens
+        assert reused.last_timings.prefill_tokens < 25
+        list(fresh.generate_tokens(question[:shared], 1))  # the document, in fresh cells
+        want = list(fresh.generate_tokens(question, 24))
+        assert fresh.last_timings is not None and fresh.last_timings.reused_tokens == shared
     assert got == want
 
 
