@@ -12,11 +12,11 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from llama_sparsek import models
+from llama_sparsek.sampling import Sampling
 from llama_sparsek.sparsek import SparseK, recommended
 
 if TYPE_CHECKING:
     from llama_sparsek.llama import Llama
-    from llama_sparsek.sampling import Sampling
 
 PREFILL_BAR_BATCHES = 4  # a progress bar for prefills of more than this many batches
 
@@ -44,15 +44,20 @@ SkStrideOpt = Annotated[
 SkBlockOpt = Annotated[
     int | None, typer.Option("--sparsek-block-size", help="SparseK: block size (1 = single keys).")
 ]
-TempOpt = Annotated[float | None, typer.Option("--temp", help="Temperature (0 = greedy) [0].")]
-TopKOpt = Annotated[int | None, typer.Option("--top-k", help="Sampling: top-k (0 = off) [40].")]
-TopPOpt = Annotated[float | None, typer.Option("--top-p", help="Sampling: top-p (1 = off) [0.95].")]
-MinPOpt = Annotated[float | None, typer.Option("--min-p", help="Sampling: min-p (0 = off) [0.05].")]
+_D = Sampling()  # the defaults, shown in the help
+TempOpt = Annotated[
+    float | None, typer.Option("--temp", help=f"Temperature (0 = greedy) [{_D.temperature}].")
+]
+TopKOpt = Annotated[int | None, typer.Option("--top-k", help=f"Top-k (0 = off) [{_D.top_k}].")]
+TopPOpt = Annotated[float | None, typer.Option("--top-p", help=f"Top-p (1 = off) [{_D.top_p}].")]
+MinPOpt = Annotated[float | None, typer.Option("--min-p", help=f"Min-p (0 = off) [{_D.min_p}].")]
 RepeatOpt = Annotated[
-    float | None, typer.Option("--repeat-penalty", help="Repeat penalty (1 = off) [1].")
+    float | None,
+    typer.Option("--repeat-penalty", help=f"Repeat penalty (1 = off) [{_D.repeat_penalty}]."),
 ]
 RepeatLastOpt = Annotated[
-    int | None, typer.Option("--repeat-last-n", help="Tokens the repeat penalty looks at [64].")
+    int | None,
+    typer.Option("--repeat-last-n", help=f"Tokens the repeat penalty sees [{_D.penalty_last_n}]."),
 ]
 SeedOpt = Annotated[int | None, typer.Option(help="Sampling seed.")]
 StopOpt = Annotated[
@@ -91,8 +96,6 @@ def sparsek_settings(
 
 def sampling_settings(**options: Any) -> Sampling:
     """Sampling() (the one place with the defaults) with the options the user gave."""
-    from llama_sparsek.sampling import Sampling
-
     stop = options.pop("stop", None)
     return Sampling().with_options(stop=tuple(stop) if stop else None, **options)
 

@@ -13,8 +13,6 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
-from llama_sparsek._binding import ffi, lib
-
 
 @dataclass(frozen=True)
 class Sampling:
@@ -83,6 +81,8 @@ class Sampling:
 
         `history` (the prompt) feeds the repeat penalty's window; the chain then records each
         token it samples itself."""
+        from llama_sparsek._binding import ffi, lib  # here: the CLI reads the defaults cheaply
+
         chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
         chain = ffi.gc(chain, lib.llama_sampler_free)
         if self.penalizes:
