@@ -7,13 +7,11 @@ import logging
 import os
 import platform
 import sys
-from dataclasses import replace
 from typing import Annotated
 
 import typer
 
 from llama_sparsek import models, tools
-from llama_sparsek.sparsek import recommended
 
 app = typer.Typer(
     help="SparseK attention for llama.cpp.", no_args_is_help=True, pretty_exceptions_enable=False
@@ -25,9 +23,12 @@ app.add_typer(models_app, name="models")
 def _add_subcommands() -> None:
     from llama_sparsek.cli_bench import bench_command
     from llama_sparsek.cli_eval import eval_command
+    from llama_sparsek.cli_generate import chat_command, generate_command
     from llama_sparsek.cli_gguf import app as gguf_app
     from llama_sparsek.cli_serve import register as register_serve
 
+    app.command("generate")(generate_command)
+    app.command("chat")(chat_command)
     app.add_typer(gguf_app, name="gguf", help="Show, set and unset SparseK keys in GGUF files.")
     app.command("eval")(eval_command)
     app.command("bench")(bench_command)
@@ -51,50 +52,6 @@ def _main(
     )
     if not verbose:
         logging.getLogger("llama_sparsek.llama_cpp").setLevel(logging.CRITICAL)
-
-
-@app.command()
-def generate(
-    prompt: str,
-    model: Annotated[str, typer.Option("--model", "-m", help="Registry name or GGUF path.")] = (
-        models.DEFAULT_MODEL
-    ),
-    n: Annotated[int, typer.Option("-n", "--max-tokens", help="Tokens to generate.")] = 128,
-    temp: Annotated[float, typer.Option("--temp", help="0 = greedy.")] = 0.0,
-    seed: Annotated[int | None, typer.Option(help="Sampling seed.")] = None,
-    ctx: Annotated[int, typer.Option("--ctx", help="Context size.")] = 4096,
-    threads: Annotated[int | None, typer.Option(help="CPU threads (default: all).")] = None,
-    sparsek: Annotated[
-        bool, typer.Option("--sparsek/--no-sparsek", help="SparseK attention.")
-    ] = True,
-    top_k: Annotated[
-        int | None, typer.Option("--top-k", help="SparseK keys kept per query.")
-    ] = None,
-    window: Annotated[int | None, typer.Option(help="SparseK local window.")] = None,
-    stride: Annotated[int | None, typer.Option(help="SparseK global stride (0 = none).")] = None,
-    block_size: Annotated[
-        int | None, typer.Option("--block-size", help="SparseK block size (1 = single keys).")
-    ] = None,
-) -> None:
-    """Generate text, streaming it to stdout."""
-    from llama_sparsek._binding import LlamaError
-    from llama_sparsek.llama import Llama
-
-    try:
-        settings = None
-        if sparsek:
-            given = {"top_k": top_k, "window": window, "stride": stride, "block_size": block_size}
-            settings = replace(recommended(), **{k: v for k, v in given.items() if v is not None})
-        elif (top_k, window, stride, block_size) != (None, None, None, None):
-            raise ValueError("--top-k/--window/--stride/--block-size need --sparsek")
-        path = models.resolve(model)
-        with Llama(path, n_ctx=ctx, n_threads=threads, sparsek=settings, seed=seed) as llm:
-            for piece in llm.stream(prompt, n, temperature=temp, seed=seed):
-                sys.stdout.write(piece)
-                sys.stdout.flush()
-        sys.stdout.write("\n")
-    except (ValueError, FileNotFoundError, LlamaError, models.ModelError) as e:
-        raise _fail(str(e)) from None
 
 
 @models_app.command("list")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import shlex
 import sys
 from dataclasses import replace
@@ -79,6 +80,9 @@ def eval_command(
     from llama_sparsek._binding import LlamaError
     from llama_sparsek.evaluation import evaluate, table, write
 
+    if plot and importlib.util.find_spec("matplotlib") is None:
+        # checked before hours of evaluation, not when the plot is drawn
+        raise _fail("--plot needs matplotlib: pip install 'llama-sparsek[eval]', or pass --no-plot")
     try:
         settings = parse_grid(grid)
         config = build_config(

@@ -3,25 +3,40 @@
 from __future__ import annotations
 
 import codecs
+import functools
+import hashlib
 import os
+import threading
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import numpy as np
 
-from llama_sparsek import _binding
+from llama_sparsek import _binding, chat, state
 from llama_sparsek._binding import ffi, lib
+from llama_sparsek.chat import Message
 from llama_sparsek.gguf import GGUFInfo, read_metadata
 from llama_sparsek.sampling import Sampling
 from llama_sparsek.sparsek import SparseK
+from llama_sparsek.state import StateFileError
+from llama_sparsek.timings import Clock, ProgressCallback, Timings
 
 KvValue = bool | int | float | str
 # cb_eval(name, None) asks whether the tensor `name` is wanted; cb_eval(name, array) then
 # delivers it as float32 (numpy order: ne[3], ne[2], ne[1], ne[0]); returning False stops.
 EvalCallback = Callable[[str, np.ndarray | None], bool]
+F = TypeVar("F", bound=Callable[..., Any])
+
+__all__ = ["Llama", "LlamaBusyError", "StateFileError", "Timings"]
+
+
+class LlamaBusyError(RuntimeError):
+    """A call on a Llama that is already running one (one call at a time per Llama)."""
+
 
 _CACHE_TYPES = {
     "f32": lib.GGML_TYPE_F32,
@@ -191,8 +206,45 @@ def _tensor_to_numpy(tensor: Any) -> np.ndarray:
     return view.astype(np.float32 if dtype != np.int32 else np.int32)
 
 
+def _exclusive(method: F) -> F:
+    """A public method: refused on a closed Llama or while another call runs."""
+
+    @functools.wraps(method)
+    def entry(self: Llama, *args: Any, **kwargs: Any) -> Any:
+        self._acquire()
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            self._lock.release()
+
+    return cast(F, entry)
+
+
+def _exclusive_iter(method: F) -> F:
+    """A public generator: holds the Llama from its first item until it ends or is closed."""
+
+    @functools.wraps(method)
+    def entry(self: Llama, *args: Any, **kwargs: Any) -> Iterator[Any]:
+        self._acquire()
+        try:
+            yield from method(self, *args, **kwargs)
+        finally:
+            self._lock.release()
+
+    return cast(F, entry)
+
+
 class Llama:
-    """A GGUF model loaded with one context (one sequence). Use as a context manager or close()."""
+    """A GGUF model loaded with one context (one sequence). Use as a context manager or close().
+
+    The context remembers the tokens it holds: a call whose prompt starts with them evaluates
+    only the rest (a second question about the same long document costs only the question).
+    One call at a time: a call made while another runs (another thread, or a started and
+    unfinished generator) raises LlamaBusyError.
+    """
+
+    last_timings: Timings | None = None  # what the latest call cost
+    _identity: dict[str, Any] | None = None  # the model file's fingerprint, for state files
 
     def __init__(
         self,
@@ -278,17 +330,30 @@ class Llama:
         self._batch = ffi.gc(lib.llama_batch_init(n_batch, 0, 1), lib.llama_batch_free)
         self.n_vocab = int(lib.llama_vocab_n_tokens(self._vocab))
         self.model_path = path
-        self._n_past = 0
+        self.type_k, self.type_v, self.flash_attn = type_k, type_v, flash_attn
+        self._tokens: list[int] = []  # what the KV cache holds, position by position
+        self._lock = threading.Lock()  # one call at a time (see _acquire)
 
     # ------------------------------------------------------------------ lifetime
 
     def close(self) -> None:
-        """Free the context and the model now (idempotent)."""
-        if getattr(self, "_ctx", None) is not None:
+        """Free the context and the model now (idempotent). Refused while a call is running
+        (another thread, or a generator of this Llama that was started and not finished)."""
+        if getattr(self, "_ctx", None) is None:
+            return
+        if not self._lock.acquire(blocking=False):
+            raise LlamaBusyError(
+                "cannot close this Llama while a call on it is running "
+                "(finish or close its stream/generator first)"
+            )
+        try:
             ffi.release(self._batch)
             ffi.release(self._ctx)
             ffi.release(self._model)
             self._ctx = self._model = self._batch = None
+            self._tokens = []
+        finally:
+            self._lock.release()
 
     def __enter__(self) -> Llama:
         return self
@@ -306,12 +371,34 @@ class Llama:
             raise ValueError("this Llama is closed")
         return self._ctx
 
+    def _acquire(self) -> None:
+        """Enter a public call: the Llama must be open and not in use (one call at a time)."""
+        self._live_ctx()
+        if not self._lock.acquire(blocking=False):
+            raise LlamaBusyError(
+                "this Llama is already running a call (from another thread, or a stream/"
+                "generator that was started and not finished); a Llama runs one call at a time: "
+                "use one Llama per thread, or finish the generator first"
+            )
+
+    @property
+    def tokens(self) -> list[int]:
+        """The tokens the context holds (a copy): what the next call can reuse."""
+        return list(self._tokens)
+
+    @property
+    def _n_past(self) -> int:
+        return len(self._tokens)
+
     # ------------------------------------------------------------------ text <-> tokens
 
+    @_exclusive
     def tokenize(
         self, text: str, *, add_special: bool = True, parse_special: bool = True
     ) -> list[int]:
-        self._live_ctx()
+        return self._tokenize(text, add_special=add_special, parse_special=parse_special)
+
+    def _tokenize(self, text: str, *, add_special: bool, parse_special: bool) -> list[int]:
         raw = text.encode()
         n_max = len(raw) + 8
         buf = ffi.new("llama_token[]", n_max)
@@ -326,8 +413,13 @@ class Llama:
             raise _binding.fail("tokenization failed")
         return list(buf[0:n])
 
+    @_exclusive
     def token_bytes(self, token: int) -> bytes:
         """The bytes of one token (control tokens render as nothing, as in llama.cpp's CLI)."""
+        self._check_tokens([token])
+        return self._token_bytes(token)
+
+    def _token_bytes(self, token: int) -> bytes:
         buf = ffi.new("char[]", 64)
         n = lib.llama_token_to_piece(self._vocab, token, buf, 64, 0, False)
         if n < 0:
@@ -335,8 +427,8 @@ class Llama:
             n = lib.llama_token_to_piece(self._vocab, token, buf, -n, 0, False)
         return bytes(ffi.buffer(buf, n))
 
+    @_exclusive
     def detokenize(self, tokens: Sequence[int], *, special: bool = False) -> str:
-        self._live_ctx()
         self._check_tokens(tokens)
         arr = ffi.new("llama_token[]", list(tokens))
         size = 8 * len(tokens) + 16
@@ -349,19 +441,51 @@ class Llama:
         raise _binding.fail("detokenization failed")
 
     def _check_tokens(self, tokens: Sequence[int]) -> None:
-        bad = [t for t in tokens if not 0 <= t < self.n_vocab]
+        bad = [t for t in tokens if isinstance(t, bool) or not 0 <= t < self.n_vocab]
         if bad:
             raise ValueError(f"token ids out of range [0, {self.n_vocab}): {bad[:5]}")
 
-    # ------------------------------------------------------------------ evaluation
+    # ------------------------------------------------------------------ the context's tokens
 
+    @_exclusive
     def reset(self) -> None:
-        """Forget all evaluated tokens (clear the KV cache)."""
-        lib.llama_memory_clear(lib.llama_get_memory(self._live_ctx()), True)
-        self._n_past = 0
+        """Forget all evaluated tokens (clear the KV cache); the next call evaluates all of its
+        prompt. Calls reuse the shared prefix on their own: this is only for an explicit clear."""
+        self._clear()
 
-    def _decode(self, tokens: Sequence[int], *, all_logits: bool) -> list[np.ndarray]:
-        """Append tokens to the context in n_batch chunks; with all_logits, each chunk's logits."""
+    def _clear(self) -> None:
+        lib.llama_memory_clear(lib.llama_get_memory(self._live_ctx()), True)
+        self._tokens = []
+
+    def _reuse_prefix(self, tokens: Sequence[int], limit: int) -> int:
+        """Keep the longest prefix (at most `limit` tokens) that the context shares with
+        `tokens`, drop the rest of the context; return the prefix's length."""
+        held = self._tokens
+        n, top = 0, min(len(held), len(tokens), limit)
+        while n < top and held[n] == tokens[n]:
+            n += 1
+        mem = lib.llama_get_memory(self._live_ctx())
+        # always cut at n, even at the end of `held`: the cache then holds exactly `held[:n]`
+        if not lib.llama_memory_seq_rm(mem, 0, n, -1):  # a cache that cannot cut a sequence
+            self._clear()
+            return 0
+        del held[n:]
+        # a sliding-window cache may have evicted keys the next token still attends to
+        n_swa = int(lib.llama_model_n_swa(self._model))
+        if n and n_swa > 0 and lib.llama_memory_seq_pos_min(mem, 0) > max(0, n - n_swa):
+            self._clear()
+            return 0
+        return n
+
+    def _decode(
+        self,
+        tokens: Sequence[int],
+        *,
+        all_logits: bool,
+        progress: ProgressCallback | None = None,
+    ) -> list[np.ndarray]:
+        """Append tokens to the context in n_batch chunks; with all_logits, each chunk's logits.
+        On a failed decode the context is cleared (its content would be unknown)."""
         ctx = self._live_ctx()
         self._check_tokens(tokens)
         if self._n_past + len(tokens) > self.n_ctx:
@@ -388,10 +512,14 @@ class Llama:
                 self._n_past = 0
                 self._eval_hook.raise_error()
             if rc != 0:
-                raise _binding.fail(f"llama_decode failed with code {rc}")
-            self._n_past += len(chunk)
+                error = _binding.fail(f"llama_decode failed with code {rc}")
+                self._clear()
+                raise error
+            self._tokens.extend(int(t) for t in chunk)
             if all_logits:
                 chunk_logits.append(self._logits(len(chunk)))
+            if progress is not None:
+                progress(start + len(chunk), len(tokens))
         return chunk_logits
 
     def _logits(self, n: int) -> np.ndarray:
@@ -402,34 +530,56 @@ class Llama:
             .copy()
         )
 
+    # ------------------------------------------------------------------ evaluation
+
+    @_exclusive
     def eval(self, tokens: Sequence[int]) -> np.ndarray:
-        """Evaluate tokens from an empty context; logits of every position, [n_tokens, n_vocab]."""
+        """Evaluate tokens from an empty context; logits of every position, [n_tokens, n_vocab].
+
+        Always clears the context first: the logits of reused positions are not kept, so a
+        reused prefix could not return them. The tokens stay in the context for later calls."""
         if not tokens:
             raise ValueError("eval needs at least one token")
-        self.reset()
-        return np.concatenate(self._decode(tokens, all_logits=True))
+        self._check_tokens(tokens)
+        clock = Clock(len(tokens))
+        self._clear()
+        logits = np.concatenate(self._decode(tokens, all_logits=True))
+        clock.prefilled(0)
+        self.last_timings = clock.timings()
+        return logits
 
+    @_exclusive
     def logprobs(self, tokens: Sequence[int], *, start: int = 1) -> np.ndarray:
         """log p(tokens[i] | tokens[:i]) for i in [start, len(tokens)): perplexity's scores.
 
-        The prefix before `start` is decoded without logits and the rest one batch at a time,
-        so memory stays at n_batch x n_vocab floats however long the text.
+        The prefix before `start` is decoded without logits (reusing what the context already
+        holds of it) and the rest one batch at a time, so memory stays at n_batch x n_vocab
+        floats however long the text.
         """
         if not 1 <= start < len(tokens):
             raise ValueError(f"start must be in [1, {len(tokens)}), got {start}")
         self._check_tokens(tokens)  # the last one is only a target, never decoded
-        self.reset()
-        if start > 1:
-            self._decode(tokens[: start - 1], all_logits=False)
+        clock = Clock(len(tokens) - 1)
+        reused = self._reuse_prefix(tokens, start - 1)
+        self._decode(tokens[reused : start - 1], all_logits=False)
         scores = []
         for first in range(start - 1, len(tokens) - 1, self.n_batch):
             last = min(first + self.n_batch, len(tokens) - 1)
             (logits,) = self._decode(tokens[first:last], all_logits=True)
             scores.append(log_softmax_pick(logits, tokens[first + 1 : last + 1]))
+        clock.prefilled(reused)
+        self.last_timings = clock.timings()
         return np.concatenate(scores)
 
     # ------------------------------------------------------------------ generation
 
+    def _sampling(self, sampling: Sampling | None, options: Mapping[str, Any]) -> Sampling:
+        """`sampling` (default: Sampling() with this Llama's seed) with `options` changed."""
+        if sampling is not None and not isinstance(sampling, Sampling):
+            raise ValueError(f"sampling must be a Sampling or None, got {sampling!r}")
+        return (sampling or Sampling(seed=self.seed)).with_options(**options)
+
+    @_exclusive_iter
     def generate_tokens(
         self,
         prompt: Sequence[int],
@@ -437,54 +587,105 @@ class Llama:
         *,
         sampling: Sampling | None = None,
         stop_at_eog: bool = True,
+        progress: ProgressCallback | None = None,
     ) -> Iterator[int]:
-        """Token ids continuing `prompt` from an empty context (greedy unless `sampling` says
-        otherwise); with stop_at_eog=False every continuation has exactly max_tokens tokens."""
+        """Token ids continuing `prompt` (greedy unless `sampling` says otherwise); with
+        stop_at_eog=False every continuation has exactly max_tokens tokens (unless the context
+        fills up). The prompt's prefix that the context already holds is not evaluated again."""
+        yield from self._generate_tokens(
+            prompt, max_tokens, self._sampling(sampling, {}), stop_at_eog, progress
+        )
+
+    def _generate_tokens(
+        self,
+        prompt: Sequence[int],
+        max_tokens: int,
+        sampling: Sampling,
+        stop_at_eog: bool,
+        progress: ProgressCallback | None,
+    ) -> Iterator[int]:
         _positive("max_tokens", max_tokens)
         if not prompt:
             raise ValueError("the prompt has no tokens")
-        sampler = (sampling or Sampling(seed=self.seed)).sampler()
-        self.reset()
-        self._decode(prompt, all_logits=False)
-        for i in range(max_tokens):
-            token = int(lib.llama_sampler_sample(sampler, self._live_ctx(), -1))
-            if stop_at_eog and lib.llama_vocab_is_eog(self._vocab, token):
-                return
-            yield token
-            if i + 1 == max_tokens:
-                return
-            if self._n_past >= self.n_ctx:
-                warnings.warn(
-                    f"the context of {self.n_ctx} tokens is full: "
-                    f"{i + 1} of {max_tokens} tokens generated",
-                    ContextFullWarning,
-                    stacklevel=2,
-                )
-                return
-            self._decode([token], all_logits=False)
+        self._check_tokens(prompt)
+        if len(prompt) > self.n_ctx:
+            raise ValueError(f"the prompt's {len(prompt)} tokens do not fit the context of "
+                             f"{self.n_ctx}")
+        sampler = sampling.sampler(self.n_vocab, prompt)
+        clock = Clock(len(prompt))
+        try:
+            # at least the last prompt token is evaluated again: its logits are not kept
+            reused = self._reuse_prefix(prompt, len(prompt) - 1)
+            self._decode(prompt[reused:], all_logits=False, progress=progress)
+            clock.prefilled(reused)
+            for i in range(max_tokens):
+                token = int(lib.llama_sampler_sample(sampler, self._live_ctx(), -1))
+                clock.sampled()
+                if stop_at_eog and lib.llama_vocab_is_eog(self._vocab, token):
+                    return
+                clock.generated += 1
+                yield token
+                if i + 1 == max_tokens:
+                    return
+                if self._n_past >= self.n_ctx:
+                    warnings.warn(
+                        f"the context of {self.n_ctx} tokens is full: "
+                        f"{i + 1} of {max_tokens} tokens generated",
+                        ContextFullWarning,
+                        stacklevel=3,
+                    )
+                    return
+                self._decode([token], all_logits=False)
+        finally:
+            self.last_timings = clock.timings()
 
+    @_exclusive_iter
     def stream(
         self,
         prompt: str,
         max_tokens: int = 128,
         *,
-        temperature: float = 0.0,
-        top_k: int = 40,
-        top_p: float = 0.95,
-        min_p: float = 0.05,
-        seed: int | None = None,
-        stop: Sequence[str] = (),
+        sampling: Sampling | None = None,
+        progress: ProgressCallback | None = None,
+        **options: Any,
     ) -> Iterator[str]:
-        """Generate from an empty context, yielding text pieces as they are decoded."""
-        if any(not s for s in stop):
-            raise ValueError("stop strings must be non-empty")
-        sampling = Sampling(temperature, top_k, top_p, min_p, self.seed if seed is None else seed)
-        tokens = self.tokenize(prompt)
+        """Generate, yielding text pieces as they are decoded.
+
+        `options` change single settings of `sampling` (default `Sampling()` with this Llama's
+        seed): temperature, top_k, top_p, min_p, repeat_penalty, penalty_last_n, seed, stop.
+        `progress(done, total)` is called as the prompt is evaluated."""
+        settings = self._sampling(sampling, options)
+        tokens = self._tokenize(prompt, add_special=True, parse_special=True)
+        yield from self._stream(tokens, max_tokens, settings, progress)
+
+    @_exclusive
+    def generate(
+        self,
+        prompt: str,
+        max_tokens: int = 128,
+        *,
+        sampling: Sampling | None = None,
+        progress: ProgressCallback | None = None,
+        **options: Any,
+    ) -> str:
+        """The whole completion of `prompt` (see stream() for the options)."""
+        settings = self._sampling(sampling, options)
+        tokens = self._tokenize(prompt, add_special=True, parse_special=True)
+        return "".join(self._stream(tokens, max_tokens, settings, progress))
+
+    def _stream(
+        self,
+        tokens: Sequence[int],
+        max_tokens: int,
+        sampling: Sampling,
+        progress: ProgressCallback | None,
+    ) -> Iterator[str]:
+        stop = sampling.stop
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         keep = max((len(s) - 1 for s in stop), default=0)
         held = ""  # text that could still be the start of a stop string
-        for token in self.generate_tokens(tokens, max_tokens, sampling=sampling):
-            held += decoder.decode(self.token_bytes(token))
+        for token in self._generate_tokens(tokens, max_tokens, sampling, True, progress):
+            held += decoder.decode(self._token_bytes(token))
             cut = min((i for s in stop if (i := held.find(s)) >= 0), default=-1)
             if cut >= 0:
                 if held[:cut]:
@@ -498,9 +699,135 @@ class Llama:
         if held:
             yield held
 
-    def generate(self, prompt: str, max_tokens: int = 128, **options: Any) -> str:
-        """The whole completion of `prompt` (see stream() for the options)."""
-        return "".join(self.stream(prompt, max_tokens, **options))
+    # ------------------------------------------------------------------ chat
+
+    @_exclusive
+    def chat(
+        self,
+        messages: Sequence[Message],
+        max_tokens: int = 512,
+        *,
+        template: str | None = None,
+        sampling: Sampling | None = None,
+        progress: ProgressCallback | None = None,
+        **options: Any,
+    ) -> str:
+        """The assistant's answer to a conversation, `[{"role": ..., "content": ...}, ...]`,
+        formatted with the model's chat template (or `template`: a llama.cpp built-in name
+        such as "chatml", or a template's source). Turn after turn, the conversation so far is
+        reused from the context. Options as for stream()."""
+        settings = self._sampling(sampling, options)
+        tokens = self._chat_tokens(messages, template)
+        return "".join(self._stream(tokens, max_tokens, settings, progress))
+
+    @_exclusive_iter
+    def stream_chat(
+        self,
+        messages: Sequence[Message],
+        max_tokens: int = 512,
+        *,
+        template: str | None = None,
+        sampling: Sampling | None = None,
+        progress: ProgressCallback | None = None,
+        **options: Any,
+    ) -> Iterator[str]:
+        """chat(), yielding the answer's text pieces as they are decoded."""
+        settings = self._sampling(sampling, options)
+        tokens = self._chat_tokens(messages, template)
+        yield from self._stream(tokens, max_tokens, settings, progress)
+
+    @_exclusive
+    def chat_template(self) -> str | None:
+        """The model's own chat template (the GGUF's tokenizer.chat_template), None if none."""
+        return chat.model_template(self._model)
+
+    def _chat_tokens(self, messages: Sequence[Message], template: str | None) -> list[int]:
+        if template is None:
+            template = chat.model_template(self._model)
+            if template is None:
+                raise ValueError(
+                    f"{self.model_path.name} has no chat template (tokenizer.chat_template): "
+                    "pass template=..., e.g. 'chatml'"
+                )
+        elif not isinstance(template, str) or not template:
+            raise ValueError(f"template must be a non-empty string, got {template!r}")
+        text = chat.render(template, messages)
+        return self._tokenize(text, add_special=True, parse_special=True)
+
+    # ------------------------------------------------------------------ state files
+
+    def _state_settings(self) -> dict[str, Any]:
+        """What a state file must share with this Llama (see state.Header.compatibility)."""
+        if self._identity is None:
+            self._identity = state.model_identity(self.model_path)
+        sparsek = getattr(self, "sparsek", None)
+        return {
+            "model": self._identity,
+            "SparseK settings": None if sparsek is None else asdict(sparsek),
+            "K cache type": self.type_k,
+            "V cache type": self.type_v,
+            "flash attention": self.flash_attn,
+        }
+
+    @_exclusive
+    def save_state(self, path: str | os.PathLike[str]) -> None:
+        """Write the context's tokens and KV cache to `path` (atomically: a complete file or,
+        on any error, the old one untouched). `load_state` restores them into a Llama of the
+        same model, SparseK settings, cache types and flash attention setting."""
+        ctx = self._live_ctx()
+        settings = self._state_settings()
+        size = lib.llama_state_seq_get_size(ctx, 0)
+        buf = ffi.new("uint8_t[]", max(size, 1))
+        _binding.clear_errors()
+        n = lib.llama_state_seq_get_data(ctx, buf, size, 0)
+        if n == 0 and size:
+            raise _binding.fail("llama.cpp could not copy the context's state")
+        data = ffi.buffer(buf, n)
+        header = state.Header(
+            model=settings["model"],
+            sparsek=settings["SparseK settings"],
+            type_k=settings["K cache type"],
+            type_v=settings["V cache type"],
+            flash_attn=settings["flash attention"],
+            n_ctx=self.n_ctx,
+            n_tokens=len(self._tokens),
+            state_bytes=n,
+            state_sha256=hashlib.sha256(data).hexdigest(),
+        )
+        state.write(Path(path), header, self._tokens, data)
+
+    @_exclusive
+    def load_state(self, path: str | os.PathLike[str]) -> None:
+        """Replace the context with a file written by `save_state`; the next call reuses its
+        tokens. A file from another model, SparseK setting, cache type or flash attention
+        setting, or a truncated or foreign file, raises StateFileError and changes nothing."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such state file")
+        expected = self._state_settings()
+        with open(path, "rb") as f:
+            try:
+                header, _ = state.read_header(f, os.fstat(f.fileno()).st_size)
+                state.check_compatible(header, expected)
+                if header.n_tokens > self.n_ctx:
+                    raise StateFileError(
+                        f"the state holds {header.n_tokens} tokens, more than this context's "
+                        f"{self.n_ctx}"
+                    )
+                tokens, data = state.read_body(f, header)
+                self._check_tokens(tokens)
+            except ValueError as e:  # StateFileError, or token ids from another vocabulary
+                raise StateFileError(f"{path}: {e}") from None
+        ctx = self._live_ctx()
+        self._clear()
+        _binding.clear_errors()
+        read = lib.llama_state_seq_set_data(ctx, ffi.from_buffer("uint8_t[]", data), len(data), 0)
+        held = lib.llama_memory_seq_pos_max(lib.llama_get_memory(ctx), 0) + 1
+        if read == 0 or held != len(tokens):
+            error = _binding.fail(f"llama.cpp could not restore the state in {path}")
+            self._clear()
+            raise error
+        self._tokens = tokens
 
 
 def _check_memory(

@@ -1,41 +1,99 @@
-"""Token sampling settings and the llama.cpp sampler chain built from them."""
+"""Token sampling settings and the llama.cpp sampler chain built from them.
+
+`Sampling` is the one place that owns the sampling defaults: `Llama.stream`/`generate`/`chat`,
+`llama_sparsek.generate` and the CLI all start from `Sampling()` and change only what they are
+given.
+"""
 
 from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields, replace
 from typing import Any
-
-from llama_sparsek._binding import ffi, lib
 
 
 @dataclass(frozen=True)
 class Sampling:
-    """How the next token is chosen. temperature 0 is greedy (the most likely token)."""
+    """How the next token is chosen, with llama.cpp's meaning of each setting.
+
+    temperature 0 is greedy (the most likely token after the repeat penalty); above 0 the chain
+    is llama.cpp's: repeat penalty, top_k (0 = off), top_p (1 = off), min_p (0 = off),
+    temperature, then a seeded draw. repeat_penalty (1 = off) divides the logits of the tokens
+    among the last penalty_last_n ones (prompt included). Generation stops before any of the
+    `stop` strings.
+    """
 
     temperature: float = 0.0
     top_k: int = 40
     top_p: float = 0.95
     min_p: float = 0.05
+    repeat_penalty: float = 1.0
+    penalty_last_n: int = 64
     seed: int | None = None
+    stop: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not math.isfinite(self.temperature) or self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k must be an int >= 0 (0 disables it), got {self.top_k!r}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if not 0.0 <= self.min_p <= 1.0:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+        if not math.isfinite(self.repeat_penalty) or self.repeat_penalty <= 0:
+            raise ValueError(
+                f"repeat_penalty must be > 0 (1 disables it), got {self.repeat_penalty}"
+            )
+        if isinstance(self.penalty_last_n, bool) or not 0 <= self.penalty_last_n < 2**31:
+            raise ValueError(f"penalty_last_n must be an int >= 0, got {self.penalty_last_n!r}")
         if self.seed is not None and not 0 <= self.seed < 2**32:
             raise ValueError(f"seed must be in [0, 2**32), got {self.seed}")
+        if isinstance(self.stop, str):
+            raise ValueError("stop must be a sequence of strings, not one string")
+        object.__setattr__(self, "stop", tuple(self.stop))
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise ValueError(f"stop strings must be non-empty strings, got {self.stop!r}")
 
-    def sampler(self) -> Any:
-        """A new llama.cpp sampler chain, owned by the returned cdata (freed by the GC)."""
+    @classmethod
+    def option_names(cls) -> frozenset[str]:
+        """The keyword options that `with_options` accepts (the dataclass fields)."""
+        return frozenset(f.name for f in fields(cls))
+
+    def with_options(self, **options: Any) -> Sampling:
+        """A copy with the given settings changed (None leaves a setting as it is)."""
+        unknown = set(options) - self.option_names()
+        if unknown:
+            raise TypeError(f"unknown sampling option(s): {', '.join(sorted(unknown))}")
+        given = {k: v for k, v in options.items() if v is not None}
+        if isinstance(given.get("stop"), str):
+            raise ValueError("stop must be a sequence of strings, not one string")
+        return replace(self, **given)
+
+    @property
+    def penalizes(self) -> bool:
+        return self.repeat_penalty != 1.0 and self.penalty_last_n > 0
+
+    def sampler(self, n_vocab: int, history: Sequence[int] = ()) -> Any:
+        """A new llama.cpp sampler chain, owned by the returned cdata (freed by the GC).
+
+        `history` (the prompt) feeds the repeat penalty's window; the chain then records each
+        token it samples itself."""
+        from llama_sparsek._binding import ffi, lib  # here: the CLI reads the defaults cheaply
+
         chain = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
         chain = ffi.gc(chain, lib.llama_sampler_free)
+        if self.penalizes:
+            lib.llama_sampler_chain_add(
+                chain,
+                lib.llama_sampler_init_penalties(
+                    n_vocab, self.penalty_last_n, self.repeat_penalty, 0.0, 0.0
+                ),
+            )
+            for token in history[-self.penalty_last_n :]:
+                lib.llama_sampler_accept(chain, token)
         if self.temperature == 0.0:
             lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_greedy())
             return chain
@@ -48,3 +106,11 @@ class Sampling:
         seed = self.seed if self.seed is not None else random.getrandbits(32)
         lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_dist(seed))
         return chain
+
+
+def split_options(options: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Split keyword options into (Sampling's options, the rest)."""
+    wanted = Sampling.option_names()
+    sampling = {k: v for k, v in options.items() if k in wanted}
+    rest = {k: v for k, v in options.items() if k not in wanted}
+    return sampling, rest

@@ -39,7 +39,7 @@ def test_generate_missing_model_is_exit_2(tmp_path: Path) -> None:
 
 
 def test_generate_invalid_sparsek_is_exit_2(tiny_model: Path) -> None:
-    result = runner.invoke(app, ["generate", "x", "-m", str(tiny_model), "--top-k", "0"])
+    result = runner.invoke(app, ["generate", "x", "-m", str(tiny_model), "--sparsek-top-k", "0"])
     assert result.exit_code == 2
     assert "top_k" in result.output
 
