@@ -25,9 +25,11 @@ app.add_typer(models_app, name="models")
 def _add_subcommands() -> None:
     from llama_sparsek.cli_eval import eval_command
     from llama_sparsek.cli_gguf import app as gguf_app
+    from llama_sparsek.cli_tasks import eval_tasks_command
 
     app.add_typer(gguf_app, name="gguf", help="Show, set and unset SparseK keys in GGUF files.")
     app.command("eval")(eval_command)
+    app.command("eval-tasks")(eval_tasks_command)
 
 
 _add_subcommands()
