@@ -76,7 +76,7 @@ def eval_tasks_command(
 
             return open_model
 
-        with Llama(path, n_ctx=n_ctx, n_threads=threads) as tokenizer:
+        with Llama(path, n_ctx=256, n_threads=threads) as tokenizer:  # only its vocabulary
             prompts = tasks.make_samples(names, sizes, samples, tokenizer, text)
 
         def show(variant: str, o: Outcome) -> None:

@@ -200,3 +200,22 @@ def test_lengths_with_a_real_tokenizer(tiny_model: Path) -> None:
             counted = sum(len(llm.tokenize(m["content"], add_special=False)) for m in s.messages)
             assert counted == s.n_tokens
             assert 1024 - 20 <= s.n_tokens <= 1024
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--tasks", "passkey,ruler"], "unknown task"),
+        (["--task-lengths", "4k"], "--task-lengths"),
+        (["--task-samples", "0"], "must be positive"),
+        (["--grid", "12:x"], "grid item"),
+    ],
+)
+def test_eval_tasks_bad_input_is_exit_2(args: list[str], message: str) -> None:
+    from typer.testing import CliRunner
+
+    from llama_sparsek.cli import app
+
+    result = CliRunner().invoke(app, ["eval-tasks", *args])
+    assert result.exit_code == 2
+    assert message in result.output
