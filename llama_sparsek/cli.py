@@ -26,6 +26,7 @@ def _add_subcommands() -> None:
     from llama_sparsek.cli_generate import chat_command, generate_command
     from llama_sparsek.cli_gguf import app as gguf_app
     from llama_sparsek.cli_serve import register as register_serve
+    from llama_sparsek.cli_tasks import eval_tasks_command
 
     app.command("generate")(generate_command)
     app.command("chat")(chat_command)
@@ -33,6 +34,7 @@ def _add_subcommands() -> None:
     app.command("eval")(eval_command)
     app.command("bench")(bench_command)
     register_serve(app)
+    app.command("eval-tasks")(eval_tasks_command)
 
 
 _add_subcommands()
