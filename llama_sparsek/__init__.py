@@ -44,7 +44,8 @@ def generate(
 ) -> str:
     """Complete `prompt` with a model (default: the registry's default, pulled on first use).
 
-    SparseK is on with the recommended settings unless `sparsek` gives others or `dense` is set.
+    SparseK is on with the recommended settings unless `sparsek` gives others or `dense` is set
+    (dense attention even if the model file enables SparseK).
     `llama_options` go to `Llama` (n_ctx, n_threads, flash_attn, kv_overrides, ...).
     """
     from llama_sparsek import models
@@ -53,7 +54,7 @@ def generate(
     if dense and sparsek is not None:
         raise ValueError("pass either sparsek or dense=True, not both")
     path = models.resolve(model)
-    settings = None if dense else (sparsek or recommended())
+    settings = False if dense else (sparsek or recommended())
     with Llama(path, sparsek=settings, seed=seed, **llama_options) as llm:
         return llm.generate(
             prompt,

@@ -13,7 +13,7 @@ from typing import Annotated
 import typer
 
 from llama_sparsek import models, tools
-from llama_sparsek.sparsek import recommended
+from llama_sparsek.sparsek import SparseK, recommended
 
 app = typer.Typer(
     help="SparseK attention for llama.cpp.", no_args_is_help=True, pretty_exceptions_enable=False
@@ -77,7 +77,7 @@ def generate(
     from llama_sparsek.llama import Llama
 
     try:
-        settings = None
+        settings: SparseK | bool = False  # --no-sparsek: dense, whatever the model file says
         if sparsek:
             given = {"top_k": top_k, "window": window, "stride": stride, "block_size": block_size}
             settings = replace(recommended(), **{k: v for k, v in given.items() if v is not None})

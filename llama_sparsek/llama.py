@@ -13,9 +13,8 @@ import numpy as np
 
 from llama_sparsek import _binding
 from llama_sparsek._binding import ffi, lib
-from llama_sparsek.gguf import read_metadata
 from llama_sparsek.sampling import Sampling
-from llama_sparsek.sparsek import SparseK
+from llama_sparsek.sparsek import SparseK, check_override
 
 KvValue = bool | int | float | str
 # cb_eval(name, None) asks whether the tensor `name` is wanted; cb_eval(name, array) then
@@ -108,7 +107,7 @@ class Llama:
         n_batch: int = 512,
         n_ubatch: int = 512,
         flash_attn: bool = True,
-        sparsek: SparseK | None = None,
+        sparsek: SparseK | bool | None = None,
         kv_overrides: Mapping[str, KvValue] | None = None,
         type_k: str = "f16",
         type_v: str = "f16",
@@ -126,16 +125,16 @@ class Llama:
         for name, cache in (("type_k", type_k), ("type_v", type_v)):
             if cache not in _CACHE_TYPES:
                 raise ValueError(f"{name} must be one of {sorted(_CACHE_TYPES)}, got {cache!r}")
-        if sparsek is not None and not isinstance(sparsek, SparseK):
-            raise ValueError(f"sparsek must be a SparseK or None, got {sparsek!r}")
+        if sparsek is not None and not isinstance(sparsek, SparseK | bool):
+            raise ValueError(f"sparsek must be a SparseK, True, False or None, got {sparsek!r}")
         self.seed = seed
         Sampling(seed=seed)  # validates the seed
-        # FileNotFoundError / GGUFError (a ValueError) for a missing or malformed file
-        self.arch = read_metadata(path).require_arch()
+        # llama.cpp reads the file (a malformed one fails the load with its reason)
+        if not path.is_file():
+            raise FileNotFoundError(f"no model file at {path}")
         overrides = dict(kv_overrides or {})
-        if sparsek is not None:
-            overrides.update(sparsek.kv_overrides(self.arch))
-        self.sparsek = sparsek
+        for key, kv_value in overrides.items():
+            check_override(key, kv_value)
         self._overrides = _kv_overrides(overrides)  # must outlive the load call
 
         _binding.init()
@@ -162,15 +161,39 @@ class Llama:
         cparams.type_k = _CACHE_TYPES[type_k]
         cparams.type_v = _CACHE_TYPES[type_v]
         cparams.no_perf = True
+        # None: as the model file says; True: on with the file's settings (or llama.cpp's defaults,
+        # the same as SparseK()); False: off; a SparseK: on with its settings
+        if sparsek is None:
+            cparams.sparsek_mode = lib.LLAMA_SPARSEK_MODE_AUTO
+        elif sparsek is False:
+            cparams.sparsek_mode = lib.LLAMA_SPARSEK_MODE_DISABLED
+        else:
+            cparams.sparsek_mode = lib.LLAMA_SPARSEK_MODE_ENABLED
+        if isinstance(sparsek, SparseK):
+            cparams.sparsek_top_k = sparsek.top_k
+            cparams.sparsek_window = sparsek.window
+            cparams.sparsek_stride = sparsek.stride
+            cparams.sparsek_block_size = sparsek.block_size
         if self._cb_eval is not None:
             cparams.cb_eval = lib._llama_sparsek_eval
             cparams.cb_eval_user_data = self._cb_eval
+        _binding.clear_errors()
         ctx = lib.llama_init_from_model(self._model, cparams)
         if ctx == ffi.NULL:
             ffi.release(self._model)
             raise _binding.fail(f"llama.cpp could not create a context for {path}")
         # the destructor closes over the model so the context is always freed first
         self._ctx = ffi.gc(ctx, lambda c, _m=self._model: lib.llama_free(c))
+        resolved = lib.llama_get_sparsek(self._ctx)
+        # the settings in effect (None: dense attention), as llama.cpp resolved them
+        self.sparsek: SparseK | None = (
+            SparseK(resolved.top_k, resolved.window, resolved.stride, resolved.block_size)
+            if resolved.enabled
+            else None
+        )
+        arch = ffi.new("char[]", 64)
+        n = lib.llama_model_meta_val_str(self._model, b"general.architecture", arch, 64)
+        self.arch = ffi.string(arch).decode() if n >= 0 else ""
         self._vocab = lib.llama_model_get_vocab(self._model)
         self.n_ctx = int(lib.llama_n_ctx(self._ctx))
         self.n_batch = n_batch
