@@ -43,7 +43,8 @@ def generate(
 ) -> str:
     """Complete `prompt` with a model (default: the registry's default, pulled on first use).
 
-    SparseK is on with the recommended settings unless `sparsek` gives others or `dense` is set.
+    SparseK is on with the recommended settings unless `sparsek` gives others or `dense` is set
+    (dense attention even if the model file enables SparseK).
     Options named like `Sampling`'s fields (temperature, top_k, top_p, min_p, repeat_penalty,
     penalty_last_n, seed, stop) change the sampling; the others go to `Llama` (n_ctx,
     n_threads, flash_attn, kv_overrides, ...).
@@ -56,6 +57,6 @@ def generate(
         raise ValueError("pass either sparsek or dense=True, not both")
     sampling_options, llama_options = split_options(options)
     path = models.resolve(model)
-    settings = None if dense else (sparsek or recommended())
+    settings = False if dense else (sparsek or recommended())
     with Llama(path, sparsek=settings, **llama_options) as llm:
         return llm.generate(prompt, max_tokens, sampling=sampling, **sampling_options)

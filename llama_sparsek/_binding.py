@@ -27,7 +27,7 @@ except ImportError as e:  # a source checkout without a build
 log = logging.getLogger("llama_sparsek.llama_cpp")
 
 # The patch series this Python code was written for (patch 0001 defines the function).
-EXPECTED_SPARSEK_VERSION = "sparsek-2"
+EXPECTED_SPARSEK_VERSION = "sparsek-3"
 
 _LEVELS = {
     lib.GGML_LOG_LEVEL_DEBUG: logging.DEBUG,
@@ -42,29 +42,39 @@ class LlamaError(RuntimeError):
 
 
 class _LogState:
-    """Reassembles llama.cpp's log pieces into lines; keeps recent errors for exceptions."""
+    """Reassembles llama.cpp's log pieces into lines, per thread; keeps the ERROR lines of each
+    thread's current call for its exception.
+
+    llama.cpp logs from the thread that made the call, so a thread only ever sees the errors of
+    its own calls: another thread's failure (or any warning) never lands in its exception.
+    """
 
     def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.pending = ""
-        self.level = logging.INFO
-        self.errors: collections.deque[str] = collections.deque(maxlen=8)
+        self.local = threading.local()
+
+    def _thread(self) -> threading.local:
+        state = self.local
+        if not hasattr(state, "pending"):
+            state.pending = ""
+            state.level = logging.INFO
+            state.errors = collections.deque(maxlen=8)
+        return state
 
     def feed(self, level: int, text: str) -> None:
-        with self.lock:
-            if level != lib.GGML_LOG_LEVEL_CONT:
-                self.level = _LEVELS.get(level, logging.DEBUG)
-            self.pending += text
-            while "\n" in self.pending:
-                line, self.pending = self.pending.split("\n", 1)
-                if self.level >= logging.WARNING:
-                    self.errors.append(line.strip())
-                log.log(self.level, "%s", line)
+        state = self._thread()
+        if level != lib.GGML_LOG_LEVEL_CONT:
+            state.level = _LEVELS.get(level, logging.DEBUG)
+        state.pending += text
+        while "\n" in state.pending:
+            line, state.pending = state.pending.split("\n", 1)
+            if state.level >= logging.ERROR and line.strip():
+                state.errors.append(line.strip())
+            log.log(state.level, "%s", line)
 
     def take_errors(self) -> str:
-        with self.lock:
-            msgs = [m for m in self.errors if m]
-            self.errors.clear()
+        state = self._thread()
+        msgs = list(state.errors)
+        state.errors.clear()
         return "; ".join(msgs)
 
 
@@ -77,12 +87,13 @@ def _llama_sparsek_log(level: int, text: Any, _user_data: Any) -> None:
 
 
 def clear_errors() -> None:
-    """Forget earlier log errors so the next exception reports only its own."""
+    """Start a call: forget this thread's earlier log errors (its exception reports its own)."""
     _log_state.take_errors()
 
 
 def fail(what: str) -> LlamaError:
-    """An exception for a failed call, with llama.cpp's logged reason when there is one."""
+    """An exception for a failed call, with the reason llama.cpp logged as an ERROR on this thread
+    since `clear_errors()`, when it logged one."""
     reason = _log_state.take_errors()
     return LlamaError(f"{what}: {reason}" if reason else what)
 

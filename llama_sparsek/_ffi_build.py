@@ -33,6 +33,8 @@ enum ggml_type { GGML_TYPE_F32, GGML_TYPE_F16, GGML_TYPE_Q4_0, GGML_TYPE_Q4_1, G
                  GGML_TYPE_Q5_1, GGML_TYPE_Q8_0, GGML_TYPE_BF16, GGML_TYPE_I32, ... };
 enum llama_flash_attn_type { LLAMA_FLASH_ATTN_TYPE_AUTO, LLAMA_FLASH_ATTN_TYPE_DISABLED,
                              LLAMA_FLASH_ATTN_TYPE_ENABLED, ... };
+enum llama_sparsek_mode { LLAMA_SPARSEK_MODE_AUTO, LLAMA_SPARSEK_MODE_DISABLED,
+                          LLAMA_SPARSEK_MODE_ENABLED, ... };
 enum llama_model_kv_override_type { LLAMA_KV_OVERRIDE_TYPE_INT, LLAMA_KV_OVERRIDE_TYPE_FLOAT,
                                     LLAMA_KV_OVERRIDE_TYPE_BOOL, LLAMA_KV_OVERRIDE_TYPE_STR, ... };
 
@@ -79,6 +81,20 @@ struct llama_context_params {
     enum ggml_type type_k;
     enum ggml_type type_v;
     bool no_perf;
+    enum llama_sparsek_mode sparsek_mode;
+    int32_t sparsek_top_k;
+    int32_t sparsek_window;
+    int32_t sparsek_stride;
+    int32_t sparsek_block_size;
+    ...;
+};
+
+struct llama_sparsek_params {
+    bool    enabled;
+    int32_t top_k;
+    int32_t window;
+    int32_t stride;
+    int32_t block_size;
     ...;
 };
 
@@ -108,6 +124,7 @@ typedef struct llama_chat_message {
 # One declaration per statement: each also gets a compile-time signature check.
 FUNCTIONS = r"""
 const char * llama_sparsek_version(void);
+struct llama_sparsek_params llama_get_sparsek(const struct llama_context * ctx);
 const char * llama_print_system_info(void);
 void llama_backend_init(void);
 void llama_log_set(ggml_log_callback log_callback, void * user_data);
@@ -120,6 +137,10 @@ struct llama_context * llama_init_from_model(struct llama_model * model, struct 
 void llama_free(struct llama_context * ctx);
 const struct llama_vocab * llama_model_get_vocab(const struct llama_model * model);
 int32_t llama_model_n_ctx_train(const struct llama_model * model);
+int32_t llama_model_n_embd(const struct llama_model * model);
+int32_t llama_model_n_layer(const struct llama_model * model);
+int32_t llama_model_n_head(const struct llama_model * model);
+int32_t llama_model_n_head_kv(const struct llama_model * model);
 int32_t llama_model_n_swa(const struct llama_model * model);
 const char * llama_model_chat_template(const struct llama_model * model, const char * name);
 int32_t llama_chat_apply_template(const char * tmpl, const struct llama_chat_message * chat, size_t n_msg, bool add_ass, char * buf, int32_t length);

@@ -9,29 +9,29 @@ agreement) next to its gain (prefill and decode speed-up):
   scored token sees at least n_ctx/2 tokens of context: the long-range attention SparseK prunes.
 - greedy agreement: greedy continuations of long prompts cut from the text, dense vs SparseK:
   the share of tokens before the first divergence, and of positions with identical tokens.
-- speed: `llama-bench` pp<P> and tg<T> at several depths (`-d`) on a copy of the GGUF with the
-  SparseK keys written in, since llama-bench has no --override-kv at the pinned commit.
+- speed: `llama-bench` pp<P> and tg<T> at several depths (`-d`), with SparseK set by its
+  `--sparsek` flags (context parameters: the model file stays as it is).
+
+Importing this module loads neither numpy nor the native library (the CLI's commands that run no
+model stay fast); measuring does.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime as dt
 import json
 import math
 import subprocess
-import tempfile
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
-from llama_sparsek.gguf import GGUFType, read_metadata, set_metadata
-from llama_sparsek.llama import KvValue, Llama
 from llama_sparsek.sparsek import SparseK
+
+if TYPE_CHECKING:
+    from llama_sparsek.llama import Llama
 
 DEFAULT_GRID = "1280:256:8,1024:256:8,512:128:1"
 DENSE = "dense"
@@ -268,7 +268,9 @@ def prompts(tokens: Sequence[int], bos: Sequence[int], length: int, count: int) 
     span = len(tokens) - body
     if body < 1 or span < 0:
         raise EvalError(f"the text has {len(tokens)} tokens: too short for {length}-token prompts")
-    offsets = np.linspace(0, span, count).astype(int) if count > 1 else np.array([0])
+    import numpy as np
+
+    offsets = np.linspace(0, span, count).astype(int).tolist() if count > 1 else [0]
     return [[*bos, *tokens[o : o + body]] for o in offsets]
 
 
@@ -298,67 +300,75 @@ def agreement(reference: Sequence[Sequence[int]], candidate: Sequence[Sequence[i
 # --------------------------------------------------------------------------- speed (llama-bench)
 
 
-def bench_command(model: Path, config: EvalConfig) -> list[str]:
+def sparsek_flags(setting: SparseK | None) -> list[str]:
+    """The flags of llama.cpp's tools for a setting: SparseK off (dense, whatever the model
+    file says) for None, else on with exactly these settings."""
+    if setting is None:
+        return ["--sparsek", "off"]
+    return [
+        "--sparsek",
+        "on",
+        "--sparsek-top-k",
+        str(setting.top_k),
+        "--sparsek-window",
+        str(setting.window),
+        "--sparsek-stride",
+        str(setting.stride),
+        "--sparsek-block-size",
+        str(setting.block_size),
+    ]
+
+
+def bench_command(model: Path, setting: SparseK | None, config: EvalConfig) -> list[str]:
     from llama_sparsek import tools
 
     depths = ",".join(str(d) for d in config.depths)
     cmd = [str(tools.tool_path("llama-bench")), "-m", str(model), "-fa", "1", "-o", "json"]
     cmd += ["-p", str(config.pp_tokens), "-n", str(config.tg_tokens), "-d", depths]
     cmd += ["-r", str(config.repetitions), "-ub", str(config.n_batch)]
+    cmd += sparsek_flags(setting)
     if config.threads is not None:
         cmd += ["-t", str(config.threads)]
     return cmd
 
 
-def parse_bench(output: str) -> list[Speed]:
-    """llama-bench `-o json` records as Speeds (pp<N> for prompt tests, tg<N> for generation)."""
+def parse_bench(output: str, setting: SparseK | None = None) -> list[Speed]:
+    """llama-bench `-o json` records as Speeds (pp<N> for prompt tests, tg<N> for generation).
+
+    Each record carries the SparseK settings its context resolved: they must be `setting`
+    (dense for None), or the measurement is not what it claims to be.
+    """
     try:
         records = json.loads(output)
     except json.JSONDecodeError as e:
         raise EvalError(f"llama-bench printed no JSON: {e}") from None
     speeds = []
     for r in records:
+        if "sparsek" not in r:
+            raise EvalError("llama-bench reports no SparseK settings: a build without patch 0008?")
+        got = (
+            SparseK(
+                r["sparsek_top_k"],
+                r["sparsek_window"],
+                r["sparsek_stride"],
+                r["sparsek_block_size"],
+            )
+            if r["sparsek"]
+            else None
+        )
+        if got != setting:
+            raise EvalError(f"llama-bench ran SparseK {got}, expected {setting}")
         test = f"pp{r['n_prompt']}" if r["n_gen"] == 0 else f"tg{r['n_gen']}"
         speeds.append(Speed(test, int(r["n_depth"]), float(r["avg_ts"]), float(r["stddev_ts"])))
     return speeds
 
 
-def gguf_updates(overrides: Mapping[str, KvValue]) -> dict[str, Any]:
-    """kv_overrides as GGUF metadata updates: bools stay BOOL, SparseK sizes are UINT32."""
-    updates: dict[str, Any] = {}
-    for key, value in overrides.items():
-        if not isinstance(value, bool | int):
-            raise ValueError(f"{key}: only bool/int SparseK keys can be written, got {value!r}")
-        kind = GGUFType.BOOL if isinstance(value, bool) else GGUFType.UINT32
-        updates[key] = (kind, value)
-    return updates
-
-
-@contextlib.contextmanager
-def model_with(model: Path, overrides: Mapping[str, KvValue]) -> Iterator[Path]:
-    """The model itself, or a temporary copy with `overrides` written into its metadata."""
-    if not overrides:
-        yield model
-        return
-    with tempfile.TemporaryDirectory(prefix="sparsek-bench-") as tmp:
-        copy = Path(tmp) / model.name
-        set_metadata(model, gguf_updates(overrides), out=copy)
-        yield copy
-
-
-def check_writable(model: Path, overrides: Mapping[str, KvValue]) -> None:
-    """Fail now, not after an hour of perplexity, if the GGUF editor refuses these keys."""
-    if overrides:
-        set_metadata(model, gguf_updates(overrides), dry_run=True)
-
-
-def bench(model: Path, overrides: Mapping[str, KvValue], config: EvalConfig) -> list[Speed]:
-    """llama-bench on the model with these SparseK keys (dense when there are none)."""
-    with model_with(model, overrides) as path:
-        proc = subprocess.run(bench_command(path, config), text=True, capture_output=True)
+def bench(model: Path, setting: SparseK | None, config: EvalConfig) -> list[Speed]:
+    """llama-bench on the model with this SparseK setting (dense for None)."""
+    proc = subprocess.run(bench_command(model, setting, config), text=True, capture_output=True)
     if proc.returncode != 0:
         raise EvalError(f"llama-bench failed ({proc.returncode}):\n{proc.stderr[-2000:]}")
-    return parse_bench(proc.stdout)
+    return parse_bench(proc.stdout, setting)
 
 
 # --------------------------------------------------------------------------- the run
@@ -394,8 +404,10 @@ def _units(config: EvalConfig, text_tokens: int, n_variants: int) -> int:
     return n_variants * (ppl + config.prompts + int(config.speed))
 
 
-def _open(path: Path, config: EvalConfig, overrides: Mapping[str, KvValue]) -> Llama:
-    """A Llama with the SparseK keys as kv_overrides."""
+def _open(path: Path, config: EvalConfig, setting: SparseK | None) -> Llama:
+    """A Llama with this SparseK setting, or dense (SparseK off, whatever the file says)."""
+    from llama_sparsek.llama import Llama
+
     return Llama(
         path,
         n_ctx=config.n_ctx,
@@ -403,7 +415,7 @@ def _open(path: Path, config: EvalConfig, overrides: Mapping[str, KvValue]) -> L
         n_batch=config.n_batch,
         n_ubatch=config.n_batch,
         flash_attn=True,
-        kv_overrides=overrides,
+        sparsek=False if setting is None else setting,
     )
 
 
@@ -426,18 +438,15 @@ def evaluate_model(
     progress: _Progress,
 ) -> ModelResult:
     """Dense first (the reference for agreement), then each setting, one Llama each."""
-    arch = read_metadata(path).require_arch()
-    if config.speed:
-        for point in grid:
-            check_writable(path, point.kv_overrides(arch))
+    arch = ""
     tokens: list[int] = []
     reference: list[list[int]] = []
     variants = []
     for setting in (None, *grid):
         name = label(setting)
-        overrides = {} if setting is None else setting.kv_overrides(arch)
         variant = VariantResult(name, setting)
-        with _open(path, config, overrides) as llm:
+        with _open(path, config, setting) as llm:
+            arch = llm.arch
             if not tokens:
                 tokens = llm.tokenize(text, add_special=False)
                 progress.add(_units(config, len(tokens), 1 + len(grid)))
@@ -454,7 +463,7 @@ def evaluate_model(
             variant.agreement = agreement(reference, continuations)
         if config.speed:
             progress.stage(f"{model} {name} llama-bench")
-            variant.speed = bench(path, overrides, config)
+            variant.speed = bench(path, setting, config)
             progress.step()
         variants.append(variant)
     return ModelResult(model, str(path), arch, len(tokens), variants)

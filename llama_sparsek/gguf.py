@@ -52,6 +52,7 @@ from llama_sparsek.sparsek import (
     sparsek_key,
     validate_block_size,
     validate_value,
+    value_type,
 )
 
 MAGIC = b"GGUF"
@@ -694,10 +695,10 @@ def sparsek_updates(
         }
     updates: dict[str, Update] = {}
     if enable is not None:
-        updates[sparsek_key(arch, KEY_ENABLE)] = (GGUFType.BOOL, enable)
+        updates[sparsek_key(arch, KEY_ENABLE)] = (sparsek_type(KEY_ENABLE), enable)
     for suffix, value in settings.items():
         if value is not None:
-            updates[sparsek_key(arch, suffix)] = (GGUFType.UINT32, value)
+            updates[sparsek_key(arch, suffix)] = (sparsek_type(suffix), value)
     if not updates:
         raise GGUFError("nothing to set: give top_k, window, stride, block_size or enable")
     return updates
@@ -771,8 +772,14 @@ def _override_type(info: GGUFInfo, key: str, kind: str) -> GGUFType:
     if kind not in _OVERRIDE_KINDS:
         names = ", ".join([*_OVERRIDE_KINDS, *_EXACT_TYPES])
         raise GGUFError(f"override of {key!r}: unknown type {kind!r} (expected one of {names})")
-    if kind == "int" and is_sparsek_key(key) and not key.endswith(f".{KEY_ENABLE}"):
-        return GGUFType.UINT32
+    suffix = key.rsplit(".", 1)[-1]
+    if (
+        kind == "int"
+        and is_sparsek_key(key)
+        and suffix in KEY_SUFFIXES
+        and value_type(suffix) is int
+    ):
+        return sparsek_type(suffix)  # not INT64: llama.cpp reads the sizes as u32
     family, new_key_type = _OVERRIDE_KINDS[kind]
     existing = info.fields.get(key)
     if existing is None:
@@ -890,12 +897,18 @@ def _apply(
     return fields, changes
 
 
+def sparsek_type(key: str) -> GGUFType:
+    """The GGUF type of a SparseK key (suffix or full key), as the patched llama.cpp reads it:
+    BOOL for the flag, UINT32 for the sizes (see `sparsek.value_type`)."""
+    return GGUFType.BOOL if value_type(key) is bool else GGUFType.UINT32
+
+
 def _check_sparsek(key: str, type_: GGUFType, value: Value) -> None:
     """SparseK keys must have the types the patched llama.cpp reads and valid values."""
     suffix = key.rsplit(".", 1)[1]
     if suffix not in KEY_SUFFIXES:
         raise GGUFError(f"unknown SparseK key {key!r}: the suffix must be one of {KEY_SUFFIXES}")
-    expected = GGUFType.BOOL if suffix == KEY_ENABLE else GGUFType.UINT32
+    expected = sparsek_type(suffix)
     if type_ != expected:
         raise GGUFError(f"{key} must be {expected.name}, not {type_.name}")
     if suffix != KEY_ENABLE and isinstance(value, int):  # other values fail in make_field

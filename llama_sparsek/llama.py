@@ -16,12 +16,11 @@ from typing import Any, TypeVar, cast
 
 import numpy as np
 
-from llama_sparsek import _binding, chat, state
+from llama_sparsek import _binding, chat, memory, state
 from llama_sparsek._binding import ffi, lib
 from llama_sparsek.chat import Message
-from llama_sparsek.gguf import GGUFInfo, read_metadata
 from llama_sparsek.sampling import Sampling
-from llama_sparsek.sparsek import SparseK
+from llama_sparsek.sparsek import SparseK, check_override
 from llama_sparsek.state import StateFileError
 from llama_sparsek.timings import Clock, ProgressCallback, Timings
 
@@ -49,17 +48,6 @@ _CACHE_TYPES = {
     "q5_1": lib.GGML_TYPE_Q5_1,
 }
 _KEY_MAX = 128  # sizeof(llama_model_kv_override.key) and .val_str
-# bytes per element of each cache type (quantized types: block bytes / block elements)
-_CACHE_BYTES = {
-    "f32": 4.0,
-    "f16": 2.0,
-    "bf16": 2.0,
-    "q8_0": 34 / 32,
-    "q4_0": 18 / 32,
-    "q4_1": 20 / 32,
-    "q5_0": 22 / 32,
-    "q5_1": 24 / 32,
-}
 _INT32_MAX = 2**31 - 1  # the C int32 parameters (n_ctx, n_batch, n_threads ...)
 
 
@@ -98,63 +86,6 @@ def _positive(name: str, value: int | None) -> None:
         isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= _INT32_MAX
     ):
         raise ValueError(f"{name} must be an int in [1, {_INT32_MAX}], got {value!r}")
-
-
-def _metadata_int(info: GGUFInfo, overrides: Mapping[str, KvValue], key: str) -> int | None:
-    """An integer hyperparameter as llama.cpp will read it (an override wins; for a per-layer
-    array, its largest item)."""
-    value: object = overrides.get(key)
-    if value is None and key in info.fields:
-        value = info.fields[key].value
-    items = getattr(value, "items", None)
-    if isinstance(items, tuple):
-        value = max((v for v in items if isinstance(v, int)), default=None)
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
-
-
-def estimate_context_bytes(
-    info: GGUFInfo,
-    overrides: Mapping[str, KvValue],
-    n_ctx: int,
-    n_batch: int,
-    type_k: str = "f16",
-    type_v: str = "f16",
-) -> int:
-    """Upper estimate of the memory a context allocates: the KV cache and the logits buffer.
-
-    KV cache: n_ctx (rounded up to 256 as llama.cpp does) cells x layers x KV heads x (key
-    head size x type_k bytes + value head size x type_v bytes), from the model's metadata
-    (head sizes default to embedding_length / head_count). Sliding-window layers are counted
-    at full size, so this over-estimates such models. Logits: n_batch rows of n_vocab floats.
-    Compute buffers (tens of MB for small models) are not counted.
-    """
-    arch = info.require_arch()
-    n_layer = _metadata_int(info, overrides, f"{arch}.block_count") or 0
-    n_embd = _metadata_int(info, overrides, f"{arch}.embedding_length") or 0
-    n_head = _metadata_int(info, overrides, f"{arch}.attention.head_count") or 1
-    n_head_kv = _metadata_int(info, overrides, f"{arch}.attention.head_count_kv") or n_head
-    head_k = _metadata_int(info, overrides, f"{arch}.attention.key_length") or n_embd // n_head
-    head_v = _metadata_int(info, overrides, f"{arch}.attention.value_length") or head_k
-    tokens = info.fields.get("tokenizer.ggml.tokens")
-    n_vocab = tokens.count if tokens is not None else 0
-    cells = -(-n_ctx // 256) * 256
-    per_cell = n_layer * n_head_kv * (head_k * _CACHE_BYTES[type_k] + head_v * _CACHE_BYTES[type_v])
-    return int(cells * per_cell) + 4 * n_batch * n_vocab
-
-
-def available_memory() -> int | None:
-    """Bytes of memory the system can still give (MemAvailable), None where unknown."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
 
 
 class _EvalHook:
@@ -255,7 +186,7 @@ class Llama:
         n_batch: int = 512,
         n_ubatch: int = 512,
         flash_attn: bool = True,
-        sparsek: SparseK | None = None,
+        sparsek: SparseK | bool | None = None,
         kv_overrides: Mapping[str, KvValue] | None = None,
         type_k: str = "f16",
         type_v: str = "f16",
@@ -273,20 +204,18 @@ class Llama:
         for name, cache in (("type_k", type_k), ("type_v", type_v)):
             if cache not in _CACHE_TYPES:
                 raise ValueError(f"{name} must be one of {sorted(_CACHE_TYPES)}, got {cache!r}")
-        if sparsek is not None and not isinstance(sparsek, SparseK):
-            raise ValueError(f"sparsek must be a SparseK or None, got {sparsek!r}")
+        if sparsek is not None and not isinstance(sparsek, SparseK | bool):
+            raise ValueError(f"sparsek must be a SparseK, True, False or None, got {sparsek!r}")
         self.seed = seed
         Sampling(seed=seed)  # validates the seed
-        # FileNotFoundError / GGUFError (a ValueError) for a missing or malformed file
-        info = read_metadata(path)
-        self.arch = info.require_arch()
+        # llama.cpp reads the file (a malformed one fails the load with its reason)
+        if not path.is_file():
+            raise FileNotFoundError(f"no model file at {path}")
         overrides = dict(kv_overrides or {})
-        if sparsek is not None:
-            overrides.update(sparsek.kv_overrides(self.arch))
+        for key, kv_value in overrides.items():
+            check_override(key, kv_value)
         # llama.cpp caps a causal model's batch at n_ctx; so do we (the batch is allocated here)
         n_batch = min(n_batch, n_ctx)
-        _check_memory(info, overrides, n_ctx, n_batch, type_k, type_v)
-        self.sparsek = sparsek
         self._overrides = _kv_overrides(overrides)  # must outlive the load call
 
         _binding.init()
@@ -297,6 +226,11 @@ class Llama:
         if model == ffi.NULL:
             raise _binding.fail(f"llama.cpp could not load {path}")
         self._model = ffi.gc(model, lib.llama_model_free)
+        try:
+            _check_memory(model, n_ctx, n_batch, type_k, type_v)
+        except ValueError:
+            ffi.release(self._model)
+            raise
 
         # the handle refers to the callback, not to self: no reference cycle through C
         self._eval_hook = None if cb_eval is None else _EvalHook(cb_eval)
@@ -314,15 +248,39 @@ class Llama:
         cparams.type_k = _CACHE_TYPES[type_k]
         cparams.type_v = _CACHE_TYPES[type_v]
         cparams.no_perf = True
+        # None: as the model file says; True: on with the file's settings (or llama.cpp's defaults,
+        # the same as SparseK()); False: off; a SparseK: on with its settings
+        if sparsek is None:
+            cparams.sparsek_mode = lib.LLAMA_SPARSEK_MODE_AUTO
+        elif sparsek is False:
+            cparams.sparsek_mode = lib.LLAMA_SPARSEK_MODE_DISABLED
+        else:
+            cparams.sparsek_mode = lib.LLAMA_SPARSEK_MODE_ENABLED
+        if isinstance(sparsek, SparseK):
+            cparams.sparsek_top_k = sparsek.top_k
+            cparams.sparsek_window = sparsek.window
+            cparams.sparsek_stride = sparsek.stride
+            cparams.sparsek_block_size = sparsek.block_size
         if self._cb_eval is not None:
             cparams.cb_eval = lib._llama_sparsek_eval
             cparams.cb_eval_user_data = self._cb_eval
+        _binding.clear_errors()
         ctx = lib.llama_init_from_model(self._model, cparams)
         if ctx == ffi.NULL:
             ffi.release(self._model)
             raise _binding.fail(f"llama.cpp could not create a context for {path}")
         # the destructor closes over the model so the context is always freed first
         self._ctx = ffi.gc(ctx, lambda c, _m=self._model: lib.llama_free(c))
+        resolved = lib.llama_get_sparsek(self._ctx)
+        # the settings in effect (None: dense attention), as llama.cpp resolved them
+        self.sparsek: SparseK | None = (
+            SparseK(resolved.top_k, resolved.window, resolved.stride, resolved.block_size)
+            if resolved.enabled
+            else None
+        )
+        arch = ffi.new("char[]", 64)
+        n = lib.llama_model_meta_val_str(self._model, b"general.architecture", arch, 64)
+        self.arch = ffi.string(arch).decode() if n >= 0 else ""
         self._vocab = lib.llama_model_get_vocab(self._model)
         self.n_ctx = int(lib.llama_n_ctx(self._ctx))
         self.n_batch = n_batch
@@ -609,8 +567,9 @@ class Llama:
             raise ValueError("the prompt has no tokens")
         self._check_tokens(prompt)
         if len(prompt) > self.n_ctx:
-            raise ValueError(f"the prompt's {len(prompt)} tokens do not fit the context of "
-                             f"{self.n_ctx}")
+            raise ValueError(
+                f"the prompt's {len(prompt)} tokens do not fit the context of {self.n_ctx}"
+            )
         sampler = sampling.sampler(self.n_vocab, prompt)
         clock = Clock(len(prompt))
         try:
@@ -830,23 +789,42 @@ class Llama:
         self._tokens = tokens
 
 
-def _check_memory(
-    info: GGUFInfo,
-    overrides: Mapping[str, KvValue],
-    n_ctx: int,
-    n_batch: int,
-    type_k: str,
-    type_v: str,
-) -> None:
-    """ValueError when the context would need more memory than the system has available."""
-    need = estimate_context_bytes(info, overrides, n_ctx, n_batch, type_k, type_v)
-    have = available_memory()
+def _check_memory(model: Any, n_ctx: int, n_batch: int, type_k: str, type_v: str) -> None:
+    """ValueError when the context would need more memory than the system has available (the
+    loaded model's hyperparameters, overrides applied, estimated as in `memory`)."""
+    n_head = lib.llama_model_n_head(model)
+    head = lib.llama_model_n_embd(model) // max(n_head, 1)
+    arch = _meta_str(model, "general.architecture")
+    k_dim = _meta_int(model, f"{arch}.attention.key_length", head)
+    v_dim = _meta_int(model, f"{arch}.attention.value_length", k_dim)
+    per_cell = memory.kv_bytes_per_cell(
+        lib.llama_model_n_layer(model),
+        lib.llama_model_n_head_kv(model),
+        k_dim,
+        v_dim,
+        type_k,
+        type_v,
+    )
+    n_vocab = lib.llama_vocab_n_tokens(lib.llama_model_get_vocab(model))
+    need = memory.context_bytes(per_cell, n_ctx, n_batch, n_vocab)
+    have = memory.available_memory()
     if have is not None and need > have:
         raise ValueError(
             f"n_ctx={n_ctx} with n_batch={n_batch} needs about {need / 2**30:.1f} GiB for the "
             f"KV cache and logits, more than the {have / 2**30:.1f} GiB of available memory: "
             "lower n_ctx (or use type_k/type_v='q8_0')"
         )
+
+
+def _meta_str(model: Any, key: str) -> str:
+    buf = ffi.new("char[]", 256)
+    n = lib.llama_model_meta_val_str(model, key.encode(), buf, 256)
+    return "" if n < 0 else ffi.string(buf).decode(errors="replace")
+
+
+def _meta_int(model: Any, key: str, default: int) -> int:
+    text = _meta_str(model, key)
+    return int(text) if text.isdigit() else default
 
 
 def log_softmax_pick(logits: np.ndarray, targets: Sequence[int]) -> np.ndarray:

@@ -77,8 +77,39 @@ def _int(info: GGUFInfo, key: str, default: int | None = None) -> int:
     return value
 
 
+def kv_bytes_per_cell(
+    n_layer: int, n_head_kv: int, k_dim: int, v_dim: int, type_k: str = "f16", type_v: str = "f16"
+) -> int:
+    """An upper bound of the KV cache's bytes per context cell (every layer at full size)."""
+    per_layer = n_head_kv * (k_dim * CACHE_TYPE_BYTES[type_k] + v_dim * CACHE_TYPE_BYTES[type_v])
+    return max(1, int(n_layer * per_layer))
+
+
+def context_bytes(per_cell: int, n_ctx: int, n_batch: int, n_vocab: int) -> int:
+    """What a context allocates beyond the model, estimated from above: the KV cache (n_ctx
+    rounded up to 256 cells, as llama.cpp pads it) and the logits of n_batch rows. Compute
+    buffers (tens of MB for small models) are not counted."""
+    cells = -(-n_ctx // N_CTX_STEP) * N_CTX_STEP
+    return cells * per_cell + 4 * n_batch * n_vocab
+
+
+def available_memory() -> int | None:
+    """Bytes of memory the system can still give (MemAvailable), None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
 def kv_bytes_per_token(info: GGUFInfo, type_k: str = "f16", type_v: str = "f16") -> int:
-    """An upper bound of the KV cache's bytes per context cell for a model."""
+    """An upper bound of the KV cache's bytes per context cell for a model file."""
     arch = info.require_arch()
     n_layer = _int(info, f"{arch}.block_count")
     n_head = _int(info, f"{arch}.attention.head_count")
@@ -86,8 +117,7 @@ def kv_bytes_per_token(info: GGUFInfo, type_k: str = "f16", type_v: str = "f16")
     head_dim = _int(info, f"{arch}.embedding_length") // max(n_head, 1)
     k_dim = _int(info, f"{arch}.attention.key_length", head_dim)
     v_dim = _int(info, f"{arch}.attention.value_length", head_dim)
-    per_layer = n_head_kv * (k_dim * CACHE_TYPE_BYTES[type_k] + v_dim * CACHE_TYPE_BYTES[type_v])
-    return max(1, int(n_layer * per_layer))
+    return kv_bytes_per_cell(n_layer, n_head_kv, k_dim, v_dim, type_k, type_v)
 
 
 def plan(

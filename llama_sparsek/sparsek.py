@@ -28,6 +28,28 @@ def is_sparsek_key(key: str) -> bool:
     return len(parts) == 3 and parts[1] == "sparsek"
 
 
+def value_type(key: str) -> type[bool] | type[int]:
+    """The type of a SparseK key's value (a suffix or a full key): `enable` is a flag, the sizes
+    are counts. The one rule behind the GGUF types (BOOL, UINT32: `gguf.sparsek_type`) and the
+    kv_overrides types (bool, int: `check_override`)."""
+    suffix = key.rsplit(".", 1)[-1]
+    if suffix not in KEY_SUFFIXES:
+        raise ValueError(f"unknown SparseK key {key!r}; the suffix must be one of {KEY_SUFFIXES}")
+    return bool if suffix == KEY_ENABLE else int
+
+
+def check_override(key: str, value: object) -> None:
+    """Raise ValueError for a kv_override of a SparseK key whose value llama.cpp would not take
+    (it ignores an override of the wrong type with a warning and reads the file's value)."""
+    if not is_sparsek_key(key):
+        return
+    kind = value_type(key)
+    if (kind is int and isinstance(value, bool)) or not isinstance(value, kind):
+        raise ValueError(
+            f"kv_overrides[{key!r}] must be {kind.__name__}, got {type(value).__name__} {value!r}"
+        )
+
+
 @dataclass(frozen=True)
 class SparseK:
     """SparseK attention settings.

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from llama_sparsek.cli import app
@@ -62,4 +66,56 @@ def test_info_shows_pin_and_patches() -> None:
     assert result.exit_code == 0, result.output
     assert "0c1e57098bba43ac29e6e3b677cdceebdd22334f" in result.output
     assert "llama_sparsek_version" in result.output  # the subject of patch 0001
-    assert "sparsek-2" in result.output
+    assert "sparsek-3" in result.output
+
+
+# Runs the CLI in a fresh interpreter, then prints the heavy modules it imported.
+_IMPORT_PROBE = """
+import json, sys
+from llama_sparsek.cli import app
+try:
+    app(sys.argv[1:])
+except SystemExit:
+    pass
+heavy = ("numpy", "llama_sparsek._llama_cffi", "llama_sparsek._binding", "llama_sparsek.llama")
+print("\\nIMPORTED " + json.dumps([m for m in heavy if m in sys.modules]))
+"""
+
+
+def _heavy_imports(*args: str) -> list[str]:
+    # from the tests' directory: the installed package, not the source tree's (no native module)
+    proc = subprocess.run(
+        [sys.executable, "-c", _IMPORT_PROBE, *args],
+        text=True,
+        capture_output=True,
+        timeout=120,
+        cwd=Path(__file__).parent,
+    )
+    assert proc.returncode == 0, proc.stderr
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("IMPORTED "))
+    imported: list[str] = json.loads(line.removeprefix("IMPORTED "))
+    return imported
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["models", "list"],
+        ["--help"],
+        ["gguf", "--help"],
+        ["eval", "--help"],
+        ["models", "path", "x"],
+    ],
+)
+def test_commands_without_a_model_stay_lean(args: list[str]) -> None:
+    """Commands that run no model import neither numpy nor the native library."""
+    assert _heavy_imports(*args) == []
+
+
+def test_gguf_show_stays_lean(tiny_model: Path) -> None:
+    assert _heavy_imports("gguf", "show", str(tiny_model)) == []
+
+
+def test_the_probe_sees_heavy_imports() -> None:
+    """The probe itself can fail: `info` loads the native library (and generate would)."""
+    assert "llama_sparsek._llama_cffi" in _heavy_imports("info")

@@ -20,7 +20,6 @@ from llama_sparsek.evaluation import (
     EvalError,
     agreement,
     depth_for,
-    gguf_updates,
     greedy,
     label,
     parse_bench,
@@ -28,9 +27,9 @@ from llama_sparsek.evaluation import (
     parse_ints,
     perplexity,
     prompts,
+    sparsek_flags,
     windows,
 )
-from llama_sparsek.gguf import GGUFType
 from llama_sparsek.llama import Llama
 from llama_sparsek.sparsek import SparseK
 
@@ -173,7 +172,16 @@ def test_greedy_is_the_argmax_of_a_full_eval(tiny_llm: Llama) -> None:
         assert int(np.argmax(tiny_llm.eval(prompt + out[:i])[-1])) == token
 
 
-# --------------------------------------------------------------------------- llama-bench, GGUF
+# --------------------------------------------------------------------------- llama-bench
+
+
+DENSE_RECORD = {
+    "sparsek": False,
+    "sparsek_top_k": 0,
+    "sparsek_window": 0,
+    "sparsek_stride": 0,
+    "sparsek_block_size": 0,
+}
 
 
 def test_parse_bench_names_tests_like_llama_bench() -> None:
@@ -181,7 +189,7 @@ def test_parse_bench_names_tests_like_llama_bench() -> None:
         {"n_prompt": 512, "n_gen": 0, "n_depth": 2048, "avg_ts": 100.5, "stddev_ts": 1.5},
         {"n_prompt": 0, "n_gen": 128, "n_depth": 0, "avg_ts": 20.0, "stddev_ts": 0.0},
     ]
-    speeds = parse_bench(json.dumps(records))
+    speeds = parse_bench(json.dumps([r | DENSE_RECORD for r in records]))
     assert [(s.test, s.depth, s.tps) for s in speeds] == [
         ("pp512", 2048, 100.5),
         ("tg128", 0, 20.0),
@@ -190,10 +198,36 @@ def test_parse_bench_names_tests_like_llama_bench() -> None:
         parse_bench("main: error")
 
 
-def test_gguf_updates_types_match_the_editor() -> None:
-    updates = gguf_updates(SparseK(64, 32).kv_overrides("llama"))
-    assert updates["llama.sparsek.enable"] == (GGUFType.BOOL, True)
-    assert updates["llama.sparsek.top_k"] == (GGUFType.UINT32, 64)
+def test_parse_bench_checks_the_settings_llama_bench_ran() -> None:
+    record = {"n_prompt": 64, "n_gen": 0, "n_depth": 0, "avg_ts": 1.0, "stddev_ts": 0.0}
+    dense = DENSE_RECORD
+    sparse = dense | {"sparsek": True, "sparsek_top_k": 64, "sparsek_window": 32}
+    sparse["sparsek_block_size"] = 8
+    setting = SparseK(64, 32, block_size=8)
+    with pytest.raises(EvalError, match="no SparseK settings"):
+        parse_bench(json.dumps([record]), None)
+    assert parse_bench(json.dumps([record | dense]), None)
+    assert parse_bench(json.dumps([record | sparse]), setting)
+    with pytest.raises(EvalError, match="expected"):
+        parse_bench(json.dumps([record | dense]), setting)
+    with pytest.raises(EvalError, match="expected"):
+        parse_bench(json.dumps([record | sparse]), SparseK(64, 32, block_size=16))
+
+
+def test_sparsek_flags_force_dense_or_the_setting() -> None:
+    assert sparsek_flags(None) == ["--sparsek", "off"]
+    assert sparsek_flags(SparseK(64, 32, 128, 8)) == [
+        "--sparsek",
+        "on",
+        "--sparsek-top-k",
+        "64",
+        "--sparsek-window",
+        "32",
+        "--sparsek-stride",
+        "128",
+        "--sparsek-block-size",
+        "8",
+    ]
 
 
 # --------------------------------------------------------------------------- the command

@@ -12,9 +12,8 @@ import numpy as np
 import pytest
 from conftest import TINY
 
-from llama_sparsek import Llama
-from llama_sparsek.gguf import read_metadata
-from llama_sparsek.llama import ContextFullWarning, estimate_context_bytes
+from llama_sparsek import Llama, memory
+from llama_sparsek.llama import ContextFullWarning
 
 pytestmark = pytest.mark.filterwarnings("error::llama_sparsek.llama.ContextFullWarning")
 
@@ -112,17 +111,16 @@ def test_huge_context_is_refused_before_allocating(tiny_model: Path) -> None:
     assert int(out.stdout.split("maxrss_kb")[1]) < 1_000_000  # nothing near 512 GB was touched
 
 
-def test_the_kv_estimate_counts_layers_heads_and_types(tiny_model: Path) -> None:
-    info = read_metadata(tiny_model)
+def test_the_kv_estimate_counts_layers_heads_and_types() -> None:
     head = TINY["n_embd"] // TINY["n_head"]
     per_cell = TINY["n_layer"] * TINY["n_head_kv"] * head * (2 + 2)  # f16 K and V
-    logits = 4 * 16 * TINY["n_vocab"]
-    assert estimate_context_bytes(info, {}, 512, 16) == 512 * per_cell + logits
-    assert estimate_context_bytes(info, {}, 500, 16) == 512 * per_cell + logits  # 256-cell pad
+    assert memory.kv_bytes_per_cell(TINY["n_layer"], TINY["n_head_kv"], head, head) == per_cell
     q8 = TINY["n_layer"] * TINY["n_head_kv"] * head * (34 / 32 + 2)
-    assert estimate_context_bytes(info, {}, 512, 16, type_k="q8_0") == int(512 * q8) + logits
-    doubled = estimate_context_bytes(info, {"llama.block_count": 4}, 512, 16)
-    assert doubled == 2 * 512 * per_cell + logits
+    got = memory.kv_bytes_per_cell(TINY["n_layer"], TINY["n_head_kv"], head, head, "q8_0")
+    assert got == int(q8)
+    logits = 4 * 16 * TINY["n_vocab"]
+    assert memory.context_bytes(per_cell, 512, 16, TINY["n_vocab"]) == 512 * per_cell + logits
+    assert memory.context_bytes(per_cell, 500, 16, TINY["n_vocab"]) == 512 * per_cell + logits
 
 
 def test_generate_says_when_the_context_ends_it(tiny_model: Path) -> None:

@@ -3,11 +3,15 @@
 References: dense attention (the same model with SparseK off), a numpy recomputation of the mask
 from the Q and K that llama.cpp itself captured (tests/sparsek_reference.py), and upstream's
 llama-perplexity with one sequence per batch vs several.
+
+No test here skips for a library without the graph patch: the binding refuses a library whose
+patch series is not the expected one (`_binding.init`), so a missing patch fails loudly.
 """
 
 from __future__ import annotations
 
-import functools
+import dataclasses
+import json
 import re
 import subprocess
 from collections.abc import Callable
@@ -21,22 +25,6 @@ from llama_sparsek import Llama, SparseK, gguf, models, tools
 from llama_sparsek._binding import LlamaError
 
 N_KV_PAD = 256  # llama.cpp pads the KV view of a unified cache to a multiple of 256 cells
-
-
-@functools.cache
-def graph_patch_present(tiny: Path) -> bool:
-    """The patched graph validates SparseK settings at load; upstream ignores unknown keys."""
-    try:
-        Llama(tiny, n_ctx=64, n_threads=1, kv_overrides={"llama.sparsek.enable": True}).close()
-    except LlamaError:
-        return True
-    return False
-
-
-@pytest.fixture(autouse=True)
-def _needs_graph_patch(tiny_model: Path) -> None:
-    if not graph_patch_present(tiny_model):
-        pytest.skip("the installed llama.cpp lacks the SparseK graph patch")
 
 
 def _graph_names() -> tuple[set[str], Callable[[str, np.ndarray | None], bool]]:
@@ -241,11 +229,11 @@ def test_gguf_set_file_is_picked_up(smollm2_path: Path, tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"llama.sparsek.enable": True, "llama.sparsek.top_k": 0}, "top_k"),
-        ({"llama.sparsek.enable": True, "llama.sparsek.top_k": -5}, "top_k"),
+        ({"llama.sparsek.enable": True, "llama.sparsek.top_k": 0}, "top_k 0"),
+        ({"llama.sparsek.enable": True, "llama.sparsek.top_k": -5}, "top_k 4294967291"),
         (
             {"llama.sparsek.enable": True, "llama.sparsek.top_k": 8, "llama.sparsek.block_size": 0},
-            "block size",
+            "block_size 0",
         ),
         (
             {
@@ -253,7 +241,7 @@ def test_gguf_set_file_is_picked_up(smollm2_path: Path, tmp_path: Path) -> None:
                 "llama.sparsek.top_k": 24,
                 "llama.sparsek.block_size": 16,
             },
-            "block size",
+            "block_size 16",
         ),
         (
             {
@@ -262,15 +250,136 @@ def test_gguf_set_file_is_picked_up(smollm2_path: Path, tmp_path: Path) -> None:
                 "llama.sparsek.window": 8,
                 "llama.sparsek.block_size": 16,
             },
-            "window",
+            "window 8",
         ),
     ],
 )
-def test_invalid_values_fail_the_load(
+def test_invalid_model_values_fail_the_context(
     tiny_model: Path, overrides: dict[str, object], message: str
 ) -> None:
-    with pytest.raises(LlamaError, match=message):
+    with pytest.raises(LlamaError, match=f"could not create a context.*invalid SparseK {message}"):
         Llama(tiny_model, n_ctx=64, n_threads=1, kv_overrides=overrides)  # type: ignore[arg-type]
+    # forced off, the same file loads and runs dense
+    with Llama(tiny_model, n_ctx=64, n_threads=1, kv_overrides=overrides, sparsek=False) as llm:  # type: ignore[arg-type]
+        assert llm.sparsek is None
+
+
+def _unchecked(**values: int) -> SparseK:
+    """SparseK settings that skip the Python checks: what llama.cpp itself refuses."""
+    settings = SparseK()
+    for name, value in values.items():
+        object.__setattr__(settings, name, value)
+    return settings
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"top_k": 0}, "top_k 0"),
+        ({"top_k": -5}, "top_k -5"),
+        ({"window": -2}, "window -2"),
+        ({"top_k": 24, "block_size": 16}, "block_size 16"),
+        ({"top_k": 32, "window": 8, "block_size": 16}, "window 8"),
+        ({"block_size": 0}, "block_size 0"),
+    ],
+)
+def test_invalid_context_params_fail_the_context(
+    tiny_model: Path, values: dict[str, int], message: str
+) -> None:
+    """llama.cpp checks the context parameters itself, with its reason in the LlamaError."""
+    settings = _unchecked(**values)
+    with pytest.raises(LlamaError, match=f"could not create a context.*invalid SparseK {message}"):
+        Llama(tiny_model, n_ctx=64, n_threads=1, sparsek=settings)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"llama.sparsek.enable": 1},
+        {"llama.sparsek.top_k": True},
+        {"llama.sparsek.window": 1.5},
+        {"llama.sparsek.block_size": "8"},
+        {"llama.sparsek.topk": 8},
+    ],
+)
+def test_wrong_override_types_are_refused(tiny_model: Path, overrides: dict[str, object]) -> None:
+    """llama.cpp would ignore them with a warning and read the file's value instead."""
+    with pytest.raises(ValueError, match=r"kv_overrides\[|unknown SparseK key"):
+        Llama(tiny_model, n_ctx=64, n_threads=1, kv_overrides=overrides)  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------- context parameters vs the file
+
+
+def _sparsek_tensors(path: Path, tokens: list[int], **opts: object) -> tuple[np.ndarray, set[str]]:
+    """The logits of `tokens` and the SparseK tensors of the graph that computed them."""
+    seen, cb = _graph_names()
+    with Llama(path, n_ctx=512, n_threads=2, cb_eval=cb, **opts) as llm:  # type: ignore[arg-type]
+        logits = llm.eval(tokens)
+    return logits, {name for name in seen if name.startswith("sparsek_")}
+
+
+SMALL = SparseK(top_k=16, window=8, block_size=8)
+
+
+@pytest.fixture(scope="module")
+def edited_tiny(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model with SMALL written into its file."""
+    out = tmp_path_factory.mktemp("edited") / "tiny-sparsek.gguf"
+    gguf.set_sparsek(tiny_model, enable=True, **dataclasses.asdict(SMALL), out=out)
+    return out
+
+
+def test_context_params_reach_the_graph(tiny_model: Path) -> None:
+    tokens = _tokens(200)
+    dense, dense_names = _sparsek_tensors(tiny_model, tokens)
+    sparse, sparse_names = _sparsek_tensors(tiny_model, tokens, sparsek=SMALL)
+    assert dense_names == set()
+    assert {"sparsek_mask-0", "sparsek_mask-1", "sparsek_top_k-0"} <= sparse_names
+    assert np.abs(sparse - dense).max() > 1e-2
+
+
+def test_settings_in_effect(tiny_model: Path, edited_tiny: Path) -> None:
+    """Llama.sparsek reports what llama.cpp resolved: the file's keys unless the context
+    parameters say otherwise; SparseK() and llama.cpp's defaults are one setting."""
+    other = SparseK(top_k=32, window=16, stride=64, block_size=1)
+    cases = [
+        (tiny_model, None, None),
+        (tiny_model, True, SparseK()),
+        (tiny_model, other, other),
+        (edited_tiny, None, SMALL),
+        (edited_tiny, True, SMALL),
+        (edited_tiny, False, None),
+        (edited_tiny, other, other),
+    ]
+    for path, option, want in cases:
+        with Llama(path, n_ctx=64, n_threads=1, sparsek=option) as llm:
+            assert llm.sparsek == want, (path.name, option)
+            assert llm.arch == "llama"
+
+
+def test_forced_off_on_an_enabled_file_is_dense(tiny_model: Path, edited_tiny: Path) -> None:
+    tokens = _tokens(200)
+    want, _ = _sparsek_tensors(tiny_model, tokens)
+    from_file, file_names = _sparsek_tensors(edited_tiny, tokens)
+    got, names = _sparsek_tensors(edited_tiny, tokens, sparsek=False)
+    assert "sparsek_mask-0" in file_names  # the file alone turns it on
+    assert names == set()
+    np.testing.assert_array_equal(got, want)
+    assert np.abs(from_file - want).max() > 1e-2
+
+
+def test_forced_on_equals_kv_overrides_and_the_edited_file(
+    tiny_model: Path, edited_tiny: Path
+) -> None:
+    """Three ways to the same settings: context parameters, kv_overrides, keys in the file."""
+    tokens = _tokens(200)
+    by_params, names = _sparsek_tensors(tiny_model, tokens, sparsek=SMALL)
+    by_overrides, _ = _sparsek_tensors(tiny_model, tokens, kv_overrides=SMALL.kv_overrides("llama"))
+    by_file, _ = _sparsek_tensors(edited_tiny, tokens)
+    assert "sparsek_mask-0" in names
+    np.testing.assert_array_equal(by_params, by_overrides)
+    np.testing.assert_array_equal(by_params, by_file)
 
 
 @pytest.mark.parametrize("name", list(models.REGISTRY))
@@ -284,49 +393,86 @@ def test_registry_model_generates_with_sparsek(registry_model, name: str) -> Non
     assert text.strip()
 
 
-@pytest.mark.parametrize("block_size", [1, 16])
-def test_sequences_in_one_batch_stay_apart(
-    smollm2_path: Path, tmp_path: Path, block_size: int
-) -> None:
-    """llama-perplexity packs several sequences per batch: the result must not depend on it."""
-    corpus = tmp_path / "text.txt"
-    corpus.write_text(
+def _perplexity(model: Path, text: Path, *args: str) -> str:
+    """llama-perplexity's final estimate, as printed."""
+    cmd = [str(tools.tool_path("llama-perplexity")), "-m", str(model), "-f", str(text)]
+    cmd += ["-t", "2", "-fa", "on", *args]
+    proc = subprocess.run(cmd, text=True, capture_output=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    found = re.search(r"Final estimate: PPL = ([0-9.]+)", proc.stdout + proc.stderr)
+    assert found, proc.stderr[-2000:]
+    return found.group(1)
+
+
+@pytest.fixture(scope="module")
+def sentences(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    text = tmp_path_factory.mktemp("text") / "text.txt"
+    text.write_text(
         " ".join(f"Sentence number {i} talks about topic {i % 17}." for i in range(700))
     )
-    sk = [
-        "--override-kv",
-        "llama.sparsek.enable=bool:true",
-        "--override-kv",
-        "llama.sparsek.window=int:16",
-        "--override-kv",
-        "llama.sparsek.top_k=int:32",
-        "--override-kv",
-        f"llama.sparsek.block_size=int:{block_size}",
+    return text
+
+
+@pytest.mark.parametrize("block_size", [1, 16])
+def test_sequences_in_one_batch_stay_apart(
+    smollm2_path: Path, sentences: Path, block_size: int
+) -> None:
+    """llama-perplexity packs several sequences per batch: the result must not depend on it."""
+    sk = ["--sparsek", "on", "--sparsek-window", "16", "--sparsek-top-k", "32"]
+    sk += ["--sparsek-block-size", str(block_size)]
+    common = ["-c", "512", "--chunks", "4", *sk]
+    assert _perplexity(smollm2_path, sentences, "-b", "512", *common) == _perplexity(
+        smollm2_path, sentences, "-b", "2048", *common
+    )
+
+
+def test_tool_flags_equal_override_kv(smollm2_path: Path, sentences: Path) -> None:
+    """--sparsek flags on an unedited file = the same settings as --override-kv; --sparsek off
+    on top of overrides that enable it = dense."""
+    common = ["-c", "512", "--chunks", "2"]
+    flags = ["--sparsek", "on", "--sparsek-top-k", "32", "--sparsek-window", "16"]
+    flags += ["--sparsek-stride", "0", "--sparsek-block-size", "8"]
+    overrides = []
+    for key, value in SparseK(top_k=32, window=16, block_size=8).kv_overrides("llama").items():
+        typed = f"bool:{str(value).lower()}" if isinstance(value, bool) else f"int:{value}"
+        overrides += ["--override-kv", f"{key}={typed}"]
+    dense = _perplexity(smollm2_path, sentences, *common)
+    by_flags = _perplexity(smollm2_path, sentences, *common, *flags)
+    assert by_flags == _perplexity(smollm2_path, sentences, *common, *overrides)
+    assert by_flags != dense
+    assert _perplexity(smollm2_path, sentences, *common, *overrides, "--sparsek", "off") == dense
+
+
+def test_llama_bench_grid_of_sparsek_settings(tiny_model: Path) -> None:
+    """llama-bench --sparsek 0,1 runs both, and reports the settings each context resolved."""
+    cmd = [str(tools.tool_path("llama-bench")), "-m", str(tiny_model), "-p", "64", "-n", "0"]
+    cmd += ["-r", "1", "-t", "2", "--sparsek", "0,1", "--sparsek-top-k", "16,32"]
+    cmd += ["--sparsek-window", "8", "--sparsek-block-size", "8"]
+    proc = subprocess.run([*cmd, "-o", "json"], text=True, capture_output=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    got = [
+        (r["sparsek"], r["sparsek_top_k"], r["sparsek_window"], r["sparsek_block_size"])
+        for r in json.loads(proc.stdout)
+    ]
+    assert got == [(False, 0, 0, 0), (False, 0, 0, 0), (True, 16, 8, 8), (True, 32, 8, 8)]
+    proc = subprocess.run([*cmd, "-o", "md"], text=True, capture_output=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    header = next(line for line in proc.stdout.splitlines() if "t/s" in line)
+    assert [c.strip() for c in header.split("|")][-7:-3] == [
+        "sk",
+        "sk_top_k",
+        "sk_window",
+        "sk_block",
     ]
 
-    def ppl(batch: int) -> str:
-        cmd = [
-            str(tools.tool_path("llama-perplexity")),
-            "-m",
-            str(smollm2_path),
-            "-f",
-            str(corpus),
-            "-c",
-            "512",
-            "-b",
-            str(batch),
-            "--chunks",
-            "4",
-            "-t",
-            "2",
-            "-fa",
-            "on",
-            *sk,
-        ]
-        proc = subprocess.run(cmd, text=True, capture_output=True, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        found = re.search(r"Final estimate: PPL = ([0-9.]+)", proc.stdout + proc.stderr)
-        assert found, proc.stderr[-2000:]
-        return found.group(1)
 
-    assert ppl(512) == ppl(2048)
+def test_tools_refuse_invalid_settings(tiny_model: Path, sentences: Path) -> None:
+    cmd = [str(tools.tool_path("llama-perplexity")), "-m", str(tiny_model), "-f", str(sentences)]
+    cmd += ["-c", "128", "--chunks", "1", "--sparsek", "on", "--sparsek-top-k", "24"]
+    cmd += ["--sparsek-block-size", "16"]
+    proc = subprocess.run(cmd, text=True, capture_output=True, timeout=300)
+    assert proc.returncode != 0
+    assert "invalid SparseK block_size 16" in proc.stderr
+    proc = subprocess.run([*cmd[:5], "--sparsek", "maybe"], text=True, capture_output=True)
+    assert proc.returncode != 0
+    assert "--sparsek" in proc.stderr
