@@ -41,8 +41,10 @@ def render(template: str, messages: Sequence[Message], *, add_assistant: bool = 
     if "\0" in template:
         raise ValueError("the chat template contains a NUL character")
     # the C strings must stay alive while llama.cpp reads them
-    strings = [(ffi.new("char[]", m["role"].encode()), ffi.new("char[]", m["content"].encode()))
-               for m in messages]
+    strings = [
+        (ffi.new("char[]", m["role"].encode()), ffi.new("char[]", m["content"].encode()))
+        for m in messages
+    ]
     chat = ffi.new("struct llama_chat_message[]", len(messages))
     for item, (role, content) in zip(chat, strings, strict=True):
         item.role, item.content = role, content

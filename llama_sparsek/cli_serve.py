@@ -2,9 +2,9 @@
 worker, built from the patched tree, run in the foreground.
 
 Nothing here serves or distributes anything itself: the commands resolve the model, turn the
-SparseK options into llama.cpp arguments (`sparsek_args`, the one place that knows how) and hand
-over to the bundled upstream program, forwarding Ctrl-C / SIGTERM to it and returning its exit
-status.
+SparseK options into llama.cpp arguments (`sparsek.tool_flags`, the one place that knows how)
+and hand over to the bundled upstream program, forwarding Ctrl-C / SIGTERM to it and returning
+its exit status.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import Annotated
 import typer
 
 from llama_sparsek import models, tools
-from llama_sparsek.sparsek import KEY_ENABLE, SparseK, recommended, sparsek_key
+from llama_sparsek.sparsek import SparseK, recommended, tool_flags
 
 # signals a foreground wrapper passes on to the program it runs
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -56,25 +56,6 @@ def sparsek_settings(
     return replace(recommended(), **chosen)
 
 
-def sparsek_args(settings: SparseK | None, model: Path) -> list[str]:
-    """llama.cpp command-line arguments (common to llama-server, llama-completion, ...) that run
-    `model` with SparseK `settings`, or with SparseK off (None, whatever the GGUF says).
-
-    Today these are GGUF key overrides, one comma-separated `--override-kv` (llama.cpp warns
-    about a repeated one), so the model's architecture is read from its header.
-    """
-    from llama_sparsek.gguf import read_metadata
-
-    arch = read_metadata(model).require_arch()
-    if settings is None:
-        return ["--override-kv", f"{sparsek_key(arch, KEY_ENABLE)}=bool:false"]
-    items = [
-        f"{key}=bool:{str(value).lower()}" if isinstance(value, bool) else f"{key}=int:{value}"
-        for key, value in settings.kv_overrides(arch).items()
-    ]
-    return ["--override-kv", ",".join(items)]
-
-
 def server_command(
     model: Path,
     settings: SparseK | None,
@@ -96,7 +77,7 @@ def server_command(
     ui = tools.ui_dir()
     if ui is not None and not {"--path", "--no-ui", "--no-webui"} & set(extra):
         cmd += ["--path", str(ui)]
-    return cmd + sparsek_args(settings, model) + list(extra)
+    return cmd + tool_flags(settings) + list(extra)
 
 
 def rpc_server_command(host: str, port: int, extra: Sequence[str] = ()) -> list[str]:

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from llama_sparsek.sparsek import SparseK
+from llama_sparsek.sparsek import SparseK, tool_flags
 
 if TYPE_CHECKING:
     from llama_sparsek.llama import Llama
@@ -300,25 +300,6 @@ def agreement(reference: Sequence[Sequence[int]], candidate: Sequence[Sequence[i
 # --------------------------------------------------------------------------- speed (llama-bench)
 
 
-def sparsek_flags(setting: SparseK | None) -> list[str]:
-    """The flags of llama.cpp's tools for a setting: SparseK off (dense, whatever the model
-    file says) for None, else on with exactly these settings."""
-    if setting is None:
-        return ["--sparsek", "off"]
-    return [
-        "--sparsek",
-        "on",
-        "--sparsek-top-k",
-        str(setting.top_k),
-        "--sparsek-window",
-        str(setting.window),
-        "--sparsek-stride",
-        str(setting.stride),
-        "--sparsek-block-size",
-        str(setting.block_size),
-    ]
-
-
 def bench_command(model: Path, setting: SparseK | None, config: EvalConfig) -> list[str]:
     from llama_sparsek import tools
 
@@ -326,7 +307,7 @@ def bench_command(model: Path, setting: SparseK | None, config: EvalConfig) -> l
     cmd = [str(tools.tool_path("llama-bench")), "-m", str(model), "-fa", "1", "-o", "json"]
     cmd += ["-p", str(config.pp_tokens), "-n", str(config.tg_tokens), "-d", depths]
     cmd += ["-r", str(config.repetitions), "-ub", str(config.n_batch)]
-    cmd += sparsek_flags(setting)
+    cmd += tool_flags(setting)
     if config.threads is not None:
         cmd += ["-t", str(config.threads)]
     return cmd

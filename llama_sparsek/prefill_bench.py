@@ -43,7 +43,7 @@ from llama_sparsek.prefill_profile import (
     record,
     unstripped_builds,
 )
-from llama_sparsek.sparsek import SparseK
+from llama_sparsek.sparsek import tool_flags
 
 if TYPE_CHECKING:
     from llama_sparsek.peer_openvino import PeerEngine
@@ -163,25 +163,6 @@ def load_prompts(model: Path, sizes: Sequence[int], text: str) -> dict[int, Prom
 
 
 # --------------------------------------------------------------------------- llama.cpp engines
-
-
-def _kv_text(value: bool | int | float | str) -> str:
-    if isinstance(value, bool):
-        return f"bool:{str(value).lower()}"
-    if isinstance(value, int):
-        return f"int:{value}"
-    if isinstance(value, float):
-        return f"float:{value!r}"
-    return f"str:{value}"
-
-
-def sparsek_args(arch: str, settings: SparseK) -> list[str]:
-    """The llama.cpp tool arguments that turn SparseK on with `settings` (the only place that
-    builds them)."""
-    args: list[str] = []
-    for key, value in settings.kv_overrides(arch).items():
-        args += ["--override-kv", f"{key}={_kv_text(value)}"]
-    return args
 
 
 def context_size(n_tokens: int) -> int:
@@ -396,7 +377,7 @@ def run(config: BenchConfig, log: Callable[[str], None] = _stderr) -> Report:
     if DENSE in config.engines:
         engines.append(LlamaCppEngine(DENSE, ours))
     if SPARSEK in config.engines:
-        engines.append(LlamaCppEngine(SPARSEK, ours, tuple(sparsek_args(arch, settings))))
+        engines.append(LlamaCppEngine(SPARSEK, ours, tuple(tool_flags(settings))))
     labels = {
         UPSTREAM: f"upstream llama.cpp {tools.build_info()['llama_cpp_commit'][:7]} (pristine)",
         DENSE: "llama-sparsek dense",

@@ -128,3 +128,23 @@ def recommended(arch: str | None = None) -> SparseK:
     """
     del arch  # one setting for every architecture until measurements say otherwise
     return SparseK()
+
+
+def tool_flags(setting: SparseK | None) -> list[str]:
+    """The flags of llama.cpp's tools (llama-completion, -perplexity, -server, -bench) for a
+    setting: SparseK off (dense, whatever the model
+    file says) for None, else on with exactly these settings."""
+    if setting is None:
+        return ["--sparsek", "off"]
+    return [
+        "--sparsek",
+        "on",
+        "--sparsek-top-k",
+        str(setting.top_k),
+        "--sparsek-window",
+        str(setting.window),
+        "--sparsek-stride",
+        str(setting.stride),
+        "--sparsek-block-size",
+        str(setting.block_size),
+    ]

@@ -27,11 +27,10 @@ from llama_sparsek.evaluation import (
     parse_ints,
     perplexity,
     prompts,
-    sparsek_flags,
     windows,
 )
 from llama_sparsek.llama import Llama
-from llama_sparsek.sparsek import SparseK
+from llama_sparsek.sparsek import SparseK, tool_flags
 
 TEXT = " ".join(["the cat and the dog sat in the sun, and it is the end of it."] * 60)
 
@@ -215,8 +214,8 @@ def test_parse_bench_checks_the_settings_llama_bench_ran() -> None:
 
 
 def test_sparsek_flags_force_dense_or_the_setting() -> None:
-    assert sparsek_flags(None) == ["--sparsek", "off"]
-    assert sparsek_flags(SparseK(64, 32, 128, 8)) == [
+    assert tool_flags(None) == ["--sparsek", "off"]
+    assert tool_flags(SparseK(64, 32, 128, 8)) == [
         "--sparsek",
         "on",
         "--sparsek-top-k",

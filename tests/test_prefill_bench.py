@@ -27,7 +27,6 @@ from llama_sparsek.prefill_bench import (
     parse_tokens,
     profile_table,
     rotated,
-    sparsek_args,
     table,
 )
 from llama_sparsek.prefill_profile import (
@@ -42,7 +41,6 @@ from llama_sparsek.prefill_profile import (
     parse_stacks,
     summarize,
 )
-from llama_sparsek.sparsek import SparseK
 
 # --------------------------------------------------------------------------- tool output
 
@@ -155,17 +153,6 @@ def test_fit_prompt_refuses_what_it_cannot_fit() -> None:
 
 
 # --------------------------------------------------------------------------- commands
-
-
-def test_sparsek_args_are_override_kv_of_the_arch() -> None:
-    args = sparsek_args("qwen2", SparseK(top_k=512, window=128, stride=0, block_size=1))
-    assert args == [
-        "--override-kv", "qwen2.sparsek.enable=bool:true",
-        "--override-kv", "qwen2.sparsek.top_k=int:512",
-        "--override-kv", "qwen2.sparsek.window=int:128",
-        "--override-kv", "qwen2.sparsek.stride=int:0",
-        "--override-kv", "qwen2.sparsek.block_size=int:1",
-    ]  # fmt: skip
 
 
 @pytest.mark.parametrize(("n", "ctx"), [(16, 256), (252, 256), (253, 512), (7680, 7936)])

@@ -33,7 +33,8 @@ from server_support import (
 )
 
 from llama_sparsek import Llama, SparseK, tools
-from llama_sparsek.cli_serve import free_port, http_ready, sparsek_args, stop
+from llama_sparsek.cli_serve import free_port, http_ready, server_command, stop
+from llama_sparsek.sparsek import tool_flags
 
 SMOLLM_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 SLOTS = 4
@@ -169,17 +170,11 @@ def test_long_prompt_with_sparsek_equals_python(tiny_model: Path, tmp_path: Path
     assert answer["tokens"] == expected
 
 
-def test_sparsek_args_are_key_overrides(tiny_model: Path) -> None:
-    flag, overrides = sparsek_args(SPARSE, tiny_model)
-    assert flag == "--override-kv"
-    assert set(overrides.split(",")) == {
-        "llama.sparsek.enable=bool:true",
-        "llama.sparsek.top_k=int:64",
-        "llama.sparsek.window=int:32",
-        "llama.sparsek.stride=int:0",
-        "llama.sparsek.block_size=int:8",
-    }
-    assert sparsek_args(None, tiny_model) == ["--override-kv", "llama.sparsek.enable=bool:false"]
+def test_the_server_gets_the_runtime_sparsek_flags(tiny_model: Path) -> None:
+    cmd = server_command(tiny_model, SPARSE)
+    assert tool_flags(SPARSE) == cmd[cmd.index("--sparsek") : cmd.index("--sparsek") + 10]
+    off = server_command(tiny_model, None)
+    assert off[off.index("--sparsek") + 1] == "off"
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
