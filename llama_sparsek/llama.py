@@ -466,8 +466,7 @@ class Llama:
             rc = lib.llama_decode(ctx, batch)
             if self._eval_hook is not None and self._eval_hook.error is not None:
                 # the computation stopped early: these positions hold no valid state
-                lib.llama_memory_clear(lib.llama_get_memory(ctx), True)
-                self._n_past = 0
+                self._clear()
                 self._eval_hook.raise_error()
             if rc != 0:
                 error = _binding.fail(f"llama_decode failed with code {rc}")
