@@ -5,7 +5,6 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -13,7 +12,7 @@ import typer
 
 from llama_sparsek import models
 from llama_sparsek.sampling import Sampling
-from llama_sparsek.sparsek import SparseK, recommended
+from llama_sparsek.sparsek import SparseK, from_options
 
 if TYPE_CHECKING:
     from llama_sparsek.llama import Llama
@@ -76,24 +75,6 @@ def _fail(message: str) -> typer.Exit:
     return typer.Exit(2)
 
 
-def sparsek_settings(
-    enabled: bool,
-    top_k: int | None,
-    window: int | None,
-    stride: int | None,
-    block_size: int | None,
-) -> SparseK | None:
-    """The recommended SparseK settings with the given ones on top (None: dense)."""
-    given = {"top_k": top_k, "window": window, "stride": stride, "block_size": block_size}
-    changes = {k: v for k, v in given.items() if v is not None}
-    if not enabled:
-        if changes:
-            flags = ", ".join(f"--sparsek-{k.replace('_', '-')}" for k in changes)
-            raise ValueError(f"{flags} need SparseK on (drop --no-sparsek)")
-        return None
-    return replace(recommended(), **changes)
-
-
 def sampling_settings(**options: Any) -> Sampling:
     """Sampling() (the one place with the defaults) with the options the user gave."""
     stop = options.pop("stop", None)
@@ -146,7 +127,9 @@ def open_llama(
 
     path = models.resolve(model)
     plan = memory.plan(path, ctx)
-    with Llama(path, n_ctx=plan.n_ctx, n_threads=threads, sparsek=sparsek) as llm:
+    # --no-sparsek: dense even where the model file enables SparseK
+    dense_or = False if sparsek is None else sparsek
+    with Llama(path, n_ctx=plan.n_ctx, n_threads=threads, sparsek=dense_or) as llm:
         yield llm
 
 
@@ -181,7 +164,7 @@ def generate_command(
 ) -> None:
     """Generate text, streaming it to stdout (a long --file: a progress bar, then the text)."""
     try:
-        settings = sparsek_settings(
+        settings = from_options(
             sparsek, sparsek_top_k, sparsek_window, sparsek_stride, sparsek_block_size
         )
         sampling = sampling_settings(
@@ -242,7 +225,7 @@ def chat_command(
     """Chat in the terminal: one line per question, answers streamed (Ctrl-D or EOF ends it,
     Ctrl-C cuts an answer short; at the prompt it ends the chat)."""
     try:
-        settings = sparsek_settings(
+        settings = from_options(
             sparsek, sparsek_top_k, sparsek_window, sparsek_stride, sparsek_block_size
         )
         sampling = sampling_settings(

@@ -17,7 +17,6 @@ import subprocess
 import time
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import replace
 from pathlib import Path
 from types import FrameType
 from typing import Annotated
@@ -25,7 +24,7 @@ from typing import Annotated
 import typer
 
 from llama_sparsek import models, tools
-from llama_sparsek.sparsek import SparseK, recommended, tool_flags
+from llama_sparsek.sparsek import SparseK, from_options, tool_flags
 
 # signals a foreground wrapper passes on to the program it runs
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -35,25 +34,6 @@ _PR_SET_PDEATHSIG = 1  # prctl(2): the kernel signals the child when this proces
 def _fail(message: str) -> typer.Exit:
     typer.echo(f"error: {message}", err=True)
     return typer.Exit(2)
-
-
-def sparsek_settings(
-    enabled: bool,
-    top_k: int | None = None,
-    window: int | None = None,
-    stride: int | None = None,
-    block_size: int | None = None,
-) -> SparseK | None:
-    """The SparseK settings the options ask for: the recommended ones with the given values on
-    top, or None when SparseK is off (ValueError for values without --sparsek or out of range)."""
-    given = {"top_k": top_k, "window": window, "stride": stride, "block_size": block_size}
-    chosen = {k: v for k, v in given.items() if v is not None}
-    if not enabled:
-        if chosen:
-            flags = ", ".join(f"--sparsek-{name.replace('_', '-')}" for name in chosen)
-            raise ValueError(f"{flags} need --sparsek")
-        return None
-    return replace(recommended(), **chosen)
 
 
 def server_command(
@@ -229,7 +209,7 @@ def serve_command(
     Arguments after `--` go to llama-server unchanged (e.g. `-- --rpc HOST:PORT -ngl 99`).
     """
     try:
-        settings = sparsek_settings(sparsek, top_k, window, stride, block_size)
+        settings = from_options(sparsek, top_k, window, stride, block_size)
         for name, value in (("--ctx", ctx), ("--parallel", parallel), ("--threads", threads)):
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 # Suffixes of the arch-prefixed GGUF keys read by the patched llama.cpp
 # (`<arch>.sparsek.<suffix>`, e.g. `llama.sparsek.top_k`).
@@ -148,3 +148,22 @@ def tool_flags(setting: SparseK | None) -> list[str]:
         "--sparsek-block-size",
         str(setting.block_size),
     ]
+
+
+def from_options(
+    enabled: bool,
+    top_k: int | None = None,
+    window: int | None = None,
+    stride: int | None = None,
+    block_size: int | None = None,
+) -> SparseK | None:
+    """The settings command-line options ask for: the recommended ones with the given values on
+    top, or None when SparseK is off (ValueError for values without SparseK, or out of range)."""
+    given = {"top_k": top_k, "window": window, "stride": stride, "block_size": block_size}
+    chosen = {k: v for k, v in given.items() if v is not None}
+    if not enabled:
+        if chosen:
+            flags = ", ".join(f"--sparsek-{name.replace('_', '-')}" for name in chosen)
+            raise ValueError(f"{flags} need SparseK on (drop --no-sparsek)")
+        return None
+    return replace(recommended(), **chosen)

@@ -212,7 +212,7 @@ def test_cli_serve_rejects_bad_options(tiny_model: Path) -> None:
         app, ["serve", "-m", str(tiny_model), "--no-sparsek", "--sparsek-top-k", "8"]
     )
     assert result.exit_code == 2
-    assert "--sparsek-top-k need --sparsek" in result.output
+    assert "--sparsek-top-k need SparseK on" in result.output
     result = runner.invoke(app, ["serve", "-m", str(tiny_model), "--sparsek-top-k", "0"])
     assert result.exit_code == 2
     assert "top_k" in result.output
