@@ -197,6 +197,9 @@ def _needle_sentences(values: Mapping[str, str]) -> list[str]:
     return [f"One of the special magic numbers for {k} is: {v}." for k, v in values.items()]
 
 
+_NEEDLE_HEADER = "Some special magic numbers are hidden in the following text. Remember them."
+
+
 def _needle(tok: Tokenizer, rng: random.Random, length: int, filler: str) -> tuple[_Draft, int]:
     values = _needle_values(rng)
     asked = rng.choice(list(values))
@@ -207,7 +210,7 @@ def _needle(tok: Tokenizer, rng: random.Random, length: int, filler: str) -> tup
         filler,
         needles=_needle_sentences(values),
         depths=[rng.random() for _ in values],
-        header="Some special magic numbers are hidden in the following text. Remember them.",
+        header=_NEEDLE_HEADER,
         question=(
             f"What is the special magic number for {asked}? Answer with the 7-digit number only."
         ),
@@ -225,7 +228,7 @@ def _needles(tok: Tokenizer, rng: random.Random, length: int, filler: str) -> tu
         filler,
         needles=_needle_sentences(values),
         depths=[rng.random() for _ in values],
-        header="Some special magic numbers are hidden in the following text. Remember them.",
+        header=_NEEDLE_HEADER,
         question=(
             f"What are the special magic numbers for {', '.join(values)}? "
             "Answer with the 7-digit numbers only, separated by commas."
