@@ -369,17 +369,19 @@ def run(config: BenchConfig, log: Callable[[str], None] = _stderr) -> Report:
     notes: list[str] = []
     perf = check_perf() if config.profile else None  # fail before measuring, not after
     engines: list[LlamaCppEngine] = []
+    baseline = "pristine"
     if UPSTREAM in config.engines:
         log("building (or reusing) the pristine upstream llama-completion ...")
         exe = upstream_build.build("llama-completion", source=config.upstream_source)
         engines.append(LlamaCppEngine(UPSTREAM, exe))
+        baseline = upstream_build.describe(config.upstream_source)
     ours = tools.tool_path("llama-completion")
     if DENSE in config.engines:
         engines.append(LlamaCppEngine(DENSE, ours))
     if SPARSEK in config.engines:
         engines.append(LlamaCppEngine(SPARSEK, ours, tuple(tool_flags(settings))))
     labels = {
-        UPSTREAM: f"upstream llama.cpp {tools.build_info()['llama_cpp_commit'][:7]} (pristine)",
+        UPSTREAM: f"upstream llama.cpp {tools.build_info()['llama_cpp_commit'][:7]} ({baseline})",
         DENSE: "llama-sparsek dense",
         SPARSEK: f"llama-sparsek SparseK {label(settings)}",
         PEER_DENSE: "OpenVINO GenAI dense",

@@ -50,6 +50,8 @@ _ATTENTION = re.compile(r"flash_attn")
 _SELECTION_OPS = re.compile(r"ggml_compute_forward_(top_k|pool_1d|set_rows|fill)")
 # innermost kernels that name the type of src0 (the weight)
 _TYPED_KERNELS = (
+    # the AMX kernels name the activation's block first, then the weight's
+    re.compile(r"tinygemm_kernel_\w+<block_q8_[01K], block_([a-z0-9]+_[0-9A-Za-z]+?)[,> ]"),
     re.compile(r"ggml_vec_dot_([a-z0-9]+_[0-9A-Za-z]+?)_q8_[01K]\b"),
     re.compile(r"ggml_(?:gemm|gemv)_([a-z0-9]+_[0-9A-Za-z]+?)_\d+x\d+"),
     re.compile(r"\bblock_([a-z0-9]+_[0-9A-Za-z]+?)(?:x\d+)?[,> ]"),
@@ -181,7 +183,10 @@ def record(perf: str, cmd: Sequence[str], symbols: Sequence[Path] = ()) -> tuple
         ids = [perf, "--buildid-dir", str(Path(tmp) / "buildids")]  # not the user's ~/.debug
         rec = [*ids, "record", "-q", "-N", "-F", str(FREQUENCY_HZ), "--call-graph"]
         rec += [f"dwarf,{STACK_BYTES}", "-o", str(data), "--", *cmd]
-        proc = subprocess.run(rec, stdin=subprocess.DEVNULL, capture_output=True, text=True)
+        # the program prints the prompt, whose last token may end inside a UTF-8 sequence
+        proc = subprocess.run(
+            rec, stdin=subprocess.DEVNULL, capture_output=True, text=True, errors="replace"
+        )
         output = proc.stdout + proc.stderr
         if proc.returncode != 0:
             raise ProfileError(f"perf record of {Path(cmd[0]).name} failed:\n{output[-2000:]}")

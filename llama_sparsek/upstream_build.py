@@ -6,6 +6,10 @@ into a cache directory keyed by the pinned commit (`models.home() / "upstream-<c
 configured like this project's build (Release, shared libraries, the same `GGML_*` flags that
 `build_info.json` records, ccache when present); only the requested tool is built. A build
 counts as done only once its stamp is written, so an interrupted build is resumed, never used.
+
+One exception to "pristine": the pinned tree crashes on some machines for reasons that have
+nothing to do with attention (`CRASH_FIXES`); the baseline carries those fixes, taken from the
+series' own commits, so that it runs wherever ours does.
 """
 
 from __future__ import annotations
@@ -29,6 +33,10 @@ TAG = "upstream"
 STAMP = "built.json"
 # the tag's commit is made by scripts/vendor.py with this subject
 _SUBJECT = re.compile(r"^upstream llama\.cpp ([0-9a-f]{40})$")
+# subjects of the series' commits that fix crashes of the pinned tree itself: GCC 12 drops the
+# stores that fill the AMX tile config, so every Q4_0/Q4_1/Q8_0/K-quant prompt of 32 tokens or
+# more dies of SIGILL on a CPU with AMX-INT8
+CRASH_FIXES = {"ggml-cpu : keep the AMX tile config in static storage": "AMX tile-config fix"}
 
 
 class UpstreamBuildError(RuntimeError):
@@ -97,8 +105,24 @@ def _locked(path: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _export(tree: Path, dest: Path) -> None:
-    """`git archive` of the tag into dest, through a staging directory (never half a tree)."""
+def crash_fixes(tree: Path) -> dict[str, str]:
+    """The commits of `CRASH_FIXES` that the working copy holds after the tag: subject -> id."""
+    found: dict[str, str] = {}
+    for line in _git(tree, "log", "--format=%H %s", f"{TAG}..HEAD").splitlines():
+        commit, _, subject = line.partition(" ")
+        found[subject] = commit
+    return {subject: found[subject] for subject in CRASH_FIXES if subject in found}
+
+
+def describe(tree: Path | None = None) -> str:
+    """How the baseline differs from the pin, for a table: "pristine", or which fixes it carries."""
+    fixes = crash_fixes(tree or default_source())
+    return " + ".join(["pristine", *(CRASH_FIXES[subject] for subject in fixes)])
+
+
+def _export(tree: Path, dest: Path, fixes: Mapping[str, str]) -> None:
+    """`git archive` of the tag plus the `fixes` into dest, through a staging directory (never
+    half a tree)."""
     archive = subprocess.run(["git", "archive", "--format=tar", TAG], cwd=tree, capture_output=True)
     if archive.returncode != 0:
         raise UpstreamBuildError(f"git archive {TAG} failed in {tree}: {archive.stderr.decode()}")
@@ -106,6 +130,18 @@ def _export(tree: Path, dest: Path) -> None:
     try:
         with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
             tar.extractall(staging, filter="data")
+        for subject, commit in fixes.items():
+            diff = _git(tree, "format-patch", "-1", "--stdout", commit) + "\n"
+            proc = subprocess.run(
+                ["git", "apply", "-p1", "-"],
+                cwd=staging,
+                input=diff,
+                capture_output=True,
+                text=True,
+            )
+            if proc.returncode != 0:
+                raise UpstreamBuildError(f"{subject!r} does not apply: {proc.stderr.strip()}")
+        shutil.rmtree(dest, ignore_errors=True)
         staging.rename(dest)
     finally:
         if staging.exists():
@@ -138,15 +174,19 @@ def build(tool: str = "llama-completion", *, source: Path | None = None) -> Path
     generator = ["-G", "Ninja"] if shutil.which("ninja") else []
     flags = generator + cmake_flags(info, ccache)
     exe = root / "build" / "bin" / tool
-    wanted = {"commit": commit, "flags": flags, "tool": tool}
+    fixes = crash_fixes(tree)
+    wanted = {"commit": commit, "flags": flags, "tool": tool, "fixes": sorted(fixes)}
     with _locked(root.with_name(root.name + ".lock")):
         stamp = root / f"{tool}.{STAMP}"
         if exe.exists() and _stamp(stamp) == wanted:
             return exe
         root.mkdir(parents=True, exist_ok=True)
         stamp.unlink(missing_ok=True)
-        if not (root / "src").exists():
-            _export(tree, root / "src")
+        source_stamp = root / "src.json"
+        if not (root / "src").exists() or _stamp(source_stamp) != sorted(fixes):
+            source_stamp.unlink(missing_ok=True)
+            _export(tree, root / "src", fixes)
+            source_stamp.write_text(json.dumps(sorted(fixes)))
         log = root / "build.log"
         parallel = os.environ.get("CMAKE_BUILD_PARALLEL_LEVEL") or str(os.cpu_count() or 1)
         build_dir = root / "build"

@@ -273,6 +273,17 @@ COMPUTE = ["ggml_graph_compute_thread", "ggml_graph_compute._omp_fn.0", "gomp_th
             ["tinyBLAS_Q0_AVX<block_q8_0, block_q8_0, float>::gemm<4, 2>(long)", "llamafile_sgemm"],
             "mat mul q8_0",
         ),
+        (
+            [
+                "(anonymous namespace)::tinygemm_kernel_amx<block_q8_1, block_q4_1, float, 32, 0>",
+                "ggml_backend_amx_mul_mat(ggml_compute_params const*, ggml_tensor*)",
+            ],
+            "mat mul q4_1",
+        ),
+        (
+            ["(anonymous namespace)::tinygemm_kernel_vnni<block_q8_K, block_q6_K, float, 1>"],
+            "mat mul q6_K",
+        ),
         (["quantize_row_q8_1", "ggml_compute_forward_mul_mat"], ACTIVATIONS),
         (["ggml_compute_forward_mul_mat"], MATMUL_OTHER),
         # f16 dot products: FLASH_ATTN_EXT's inside it, the SparseK scoring in a mat mul
@@ -401,6 +412,37 @@ def test_pinned_commit_from_the_tag(tmp_path: Path, subject: str) -> None:
     )
     assert re.fullmatch("[0-9a-f]{40}", expected)
     assert upstream_build.pinned_commit(tmp_path) == expected
+
+
+def test_export_carries_only_the_crash_fixes(tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    _git(tree, "init", "-q")
+    (tree / "amx.cpp").write_text("config on the stack\n")
+    (tree / "ops.cpp").write_text("upstream kernel\n")
+    _git(tree, "add", "-A")
+    _git(tree, "commit", "-q", "-m", "upstream llama.cpp " + "0c1e5709" * 5)
+    _git(tree, "tag", "upstream")
+    (tree / "ops.cpp").write_text("our kernel\n")
+    _git(tree, "commit", "-qam", "ggml-cpu : a patch of ours")
+    (tree / "amx.cpp").write_text("config in static storage\n")
+    [fix] = upstream_build.CRASH_FIXES
+    _git(tree, "commit", "-qam", fix)
+    (tree / "ops.cpp").write_text("our later kernel\n")
+    _git(tree, "commit", "-qam", "ggml-cpu : a later patch of ours")
+
+    fixes = upstream_build.crash_fixes(tree)
+    assert list(fixes) == [fix]
+    assert upstream_build.describe(tree) == "pristine + " + upstream_build.CRASH_FIXES[fix]
+    dest = tmp_path / "src"
+    upstream_build._export(tree, dest, fixes)
+    assert (dest / "amx.cpp").read_text() == "config in static storage\n"
+    assert (dest / "ops.cpp").read_text() == "upstream kernel\n"  # none of our patches
+    assert not list(tmp_path.glob(".src-*"))  # no staging left behind
+
+    _git(tree, "reset", "-q", "--hard", "upstream")
+    assert upstream_build.crash_fixes(tree) == {}
+    assert upstream_build.describe(tree) == "pristine"
 
 
 def test_peer_type_check(tiny_model: Path) -> None:
