@@ -339,6 +339,22 @@ def test_context_params_reach_the_graph(tiny_model: Path) -> None:
     assert np.abs(sparse - dense).max() > 1e-2
 
 
+@pytest.mark.parametrize("cache", ["q8_0", "q4_0"])
+def test_quantized_kv_cache(tiny_model: Path, smollm2_path: Path, cache: str) -> None:
+    """The mask casts a quantized K to F32: SparseK still drops keys there, and a deep model's graph
+    has room for the extra nodes (SmolLM2's 30 layers used to abort the process while the context
+    reserved its graph)."""
+    tokens = _tokens(200)
+    opts = {"type_k": cache, "type_v": cache}
+    dense, _ = _sparsek_tensors(tiny_model, tokens, **opts)
+    sparse, names = _sparsek_tensors(tiny_model, tokens, sparsek=SMALL, **opts)
+    assert {"sparsek_mask-0", "sparsek_mask-1"} <= names
+    assert np.isfinite(sparse).all()
+    assert np.abs(sparse - dense).max() > 1e-2
+    with Llama(smollm2_path, n_ctx=8192, n_threads=2, sparsek=SparseK(), **opts) as llm:  # type: ignore[arg-type]
+        assert np.isfinite(llm.eval(list(range(100, 164)))).all()
+
+
 def test_settings_in_effect(tiny_model: Path, edited_tiny: Path) -> None:
     """Llama.sparsek reports what llama.cpp resolved: the file's keys unless the context
     parameters say otherwise; SparseK() and llama.cpp's defaults are one setting."""
