@@ -14,17 +14,15 @@ import typer
 from typer.testing import CliRunner
 
 from llama_sparsek import corpus
-from llama_sparsek.cli_eval import eval_command
+from llama_sparsek.cli_eval import eval_command, parse_grid, parse_ints
+from llama_sparsek.eval_report import depth_for
 from llama_sparsek.evaluation import (
     EvalConfig,
     EvalError,
     agreement,
-    depth_for,
     greedy,
     label,
     parse_bench,
-    parse_grid,
-    parse_ints,
     perplexity,
     prompts,
     windows,
