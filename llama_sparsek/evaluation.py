@@ -52,6 +52,23 @@ def label(setting: SparseK | None) -> str:
     return f"k{setting.top_k}/w{setting.window}/b{setting.block_size}{stride}"
 
 
+# llama.cpp pads the KV cache and the view of it a graph attends over to multiples of this
+KV_PAD = 256
+
+
+def kv_view(n_tokens: int) -> int:
+    """The KV cache view (n_kv) of a graph once the cache holds n_tokens cells."""
+    return max(KV_PAD, -(-n_tokens // KV_PAD) * KV_PAD)
+
+
+def sparsek_applies(setting: SparseK, n_kv: int) -> bool:
+    """Whether llama.cpp runs SparseK over a KV view of n_kv cells: only where the mask keeps
+    less than half of the keys (top_k + window + the strided keys), else the graph is dense."""
+    strided = -(-n_kv // setting.stride) if setting.stride > 0 else 0
+    kept = min(n_kv, setting.top_k + min(n_kv, setting.window + strided))
+    return 2 * kept < n_kv
+
+
 # --------------------------------------------------------------------------- configuration
 
 
@@ -440,13 +457,37 @@ def _build_info() -> dict[str, Any]:
 
 
 def _notes(report: Report) -> Iterator[str]:
-    """Warnings a reader must see next to the numbers."""
+    """Warnings a reader must see next to the numbers.
+
+    A setting runs dense by design at a context whose KV view it would keep half of or more
+    (`sparsek_applies`): its perplexity there is the dense one, which says nothing about the
+    build. Only where SparseK should have dropped keys does the dense perplexity mean that the
+    build does not apply it.
+    """
     for m in report.models:
-        sparse = m.variants[1:]
-        if sparse and all(v.perplexity == m.dense.perplexity for v in sparse):
+        idle: list[str] = []  # label@ctx that ran dense by design
+        active: list[tuple[Perplexity, Perplexity | None]] = []  # (SparseK, dense) where it runs
+        for v in m.variants[1:]:
+            if v.setting is None:
+                continue
+            off = []
+            for p in v.perplexity:
+                if sparsek_applies(v.setting, kv_view(p.ctx)):
+                    active.append((p, m.dense.ppl_at(p.ctx)))
+                else:
+                    off.append(str(p.ctx))
+            if off:
+                idle.append(f"{v.label} at ctx {', '.join(off)}")
+        if idle:
             yield (
-                f"{m.model}: every SparseK setting gave exactly the dense perplexity: this build "
-                "does not apply SparseK (is the graph patch installed?)"
+                f"{m.model}: SparseK stays off by design where it would keep half of the keys or "
+                f"more, so these rows are dense: {'; '.join(idle)}"
+            )
+        if active and all(p == dense for p, dense in active):
+            yield (
+                f"{m.model}: every SparseK setting gave exactly the dense perplexity where it "
+                "should have dropped keys: this build does not apply SparseK (is the graph patch "
+                "installed?)"
             )
 
 
@@ -464,7 +505,9 @@ __all__ = [
     "bench",
     "evaluate",
     "greedy",
+    "kv_view",
     "label",
     "parse_bench",
     "perplexity",
+    "sparsek_applies",
 ]
