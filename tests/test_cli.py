@@ -12,6 +12,8 @@ from typer.testing import CliRunner
 
 from llama_sparsek.cli import app
 
+ROOT = Path(__file__).resolve().parent.parent
+
 runner = CliRunner()
 
 
@@ -119,3 +121,18 @@ def test_gguf_show_stays_lean(tiny_model: Path) -> None:
 def test_the_probe_sees_heavy_imports() -> None:
     """The probe itself can fail: `info` loads the native library (and generate would)."""
     assert "llama_sparsek._llama_cffi" in _heavy_imports("info")
+
+
+def test_the_version_is_written_once() -> None:
+    """pyproject.toml has no version of its own: the build reads `__version__` from
+    llama_sparsek/__init__.py, so the installed metadata and the package agree."""
+    import importlib.metadata
+    import tomllib
+
+    import llama_sparsek
+
+    assert importlib.metadata.version("llama-sparsek") == llama_sparsek.__version__
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert "version" not in project["project"] and project["project"]["dynamic"] == ["version"]
+    source = project["tool"]["scikit-build"]["metadata"]["version"]
+    assert source["input"] == "llama_sparsek/__init__.py"
