@@ -153,8 +153,7 @@ def test_stream_pieces_join_to_generate(llm: Llama) -> None:
 
 def test_stop_string_truncates(llm: Llama) -> None:
     full = llm.generate("the", 20)
-    if len(full) < 4:
-        pytest.skip("the tiny model produced too little text")
+    assert len(full) >= 4, full  # the model is fixed: enough text to cut, or a real failure
     stop = full[2:4]
     cut = llm.generate("the", 20, stop=[stop])
     assert cut == full[: full.index(stop)]

@@ -297,7 +297,6 @@ def test_sparsek_flags_force_dense_or_the_setting() -> None:
 
 
 def test_eval_quick_writes_json_table_and_plot(tiny_model: Path, tmp_path: Path) -> None:
-    pytest.importorskip("matplotlib")
     text = tmp_path / "text.txt"
     text.write_text(TEXT)
     out = tmp_path / "out"

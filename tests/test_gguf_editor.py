@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import gguf as upstream  # the independent reader: a test dependency, never skipped
 import numpy as np
 import pytest
 from typer.testing import CliRunner
@@ -31,8 +32,6 @@ from llama_sparsek.gguf import (
     unset_sparsek,
 )
 from llama_sparsek.sparsek import recommended
-
-upstream = pytest.importorskip("gguf")
 
 SPARSEK_KEYS = [f"llama.sparsek.{s}" for s in ("enable", "top_k", "window", "stride", "block_size")]
 
