@@ -309,12 +309,20 @@ def test_sampling_options_and_validation() -> None:
         {"repeat_penalty": 0.0},
         {"repeat_penalty": float("nan")},
         {"penalty_last_n": -1},
-        {"top_k": 1.5},
-        {"stop": "abc"},
         {"stop": [""]},
     ):
         with pytest.raises(ValueError):
             base.with_options(**bad)
+    for wrong in (
+        {"top_k": 1.5},
+        {"penalty_last_n": True},
+        {"temperature": "0.5"},
+        {"seed": 1.0},
+        {"stop": "abc"},
+        {"stop": ["a", None]},
+    ):
+        with pytest.raises(TypeError, match=next(iter(wrong))):
+            base.with_options(**wrong)
     sampling, rest = split_options({"top_p": 0.5, "n_ctx": 64})
     assert sampling == {"top_p": 0.5} and rest == {"n_ctx": 64}
 
