@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -136,3 +137,33 @@ def test_the_version_is_written_once() -> None:
     assert "version" not in project["project"] and project["project"]["dynamic"] == ["version"]
     source = project["tool"]["scikit-build"]["metadata"]["version"]
     assert source["input"] == "llama_sparsek/__init__.py"
+
+
+SAMPLING_OPTIONS = {
+    "temp": "temperature",
+    "top-k": "top_k",
+    "top-p": "top_p",
+    "min-p": "min_p",
+    "repeat-penalty": "repeat_penalty",
+    "repeat-last-n": "penalty_last_n",
+}
+
+
+def test_sampling_defaults_live_in_sampling() -> None:
+    """generate and chat leave every sampling option unset (Sampling() fills it in), and the
+    README's synopsis shows Sampling()'s values."""
+    import inspect
+
+    from llama_sparsek.cli_generate import chat_command, generate_command, sampling_settings
+    from llama_sparsek.sampling import Sampling
+
+    defaults = Sampling()
+    assert sampling_settings() == defaults
+    for command in (generate_command, chat_command):
+        params = inspect.signature(command).parameters
+        for name in ("temp", "top_k", "top_p", "min_p", "repeat_penalty", "repeat_last_n", "seed"):
+            assert params[name].default is None, (command.__name__, name)
+    readme = (ROOT / "README.md").read_text()
+    shown = dict(re.findall(r"\[--([a-z-]+) ([0-9.]+)\]", readme))
+    for option, field in SAMPLING_OPTIONS.items():
+        assert float(shown[option]) == getattr(defaults, field), option
