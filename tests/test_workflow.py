@@ -271,7 +271,7 @@ def test_chat_with_a_named_template_reuses_the_conversation(llm: Llama) -> None:
     pieces = list(llm.stream_chat(messages, 6, template="chatml"))
     assert llm.last_timings is not None
     assert llm.last_timings.reused_tokens >= first.prompt_tokens - 1
-    assert isinstance("".join(pieces), str)
+    assert llm.last_timings.generated_tokens >= len([p for p in pieces if p])
 
 
 @pytest.mark.parametrize(
@@ -381,7 +381,8 @@ def test_token_bytes_out_of_range(llm: Llama, offset: int) -> None:
 
 
 def test_a_running_generator_holds_the_llama(tiny_model: Path) -> None:
-    m = open_tiny(tiny_model)
+    m = open_tiny(tiny_model, flash_attn=False)  # reused prefixes give fresh results bit for bit
+    before = m.generate("it is", 2)
     gen = m.stream("the and of", 50)
     next(gen)
     errors: list[BaseException] = []
@@ -401,7 +402,7 @@ def test_a_running_generator_holds_the_llama(tiny_model: Path) -> None:
     with pytest.raises(LlamaBusyError, match="close"):
         m.close()
     gen.close()
-    assert m.generate("it is", 2) is not None
+    assert m.generate("it is", 2) == before  # released, and the context is consistent
     m.close()
 
 
@@ -434,10 +435,11 @@ def test_threads_never_corrupt_a_llama(tiny_model: Path) -> None:
 
 
 def test_prompt_longer_than_the_context(tiny_model: Path) -> None:
-    with open_tiny(tiny_model, n_ctx=64) as m:
+    with open_tiny(tiny_model, n_ctx=64, flash_attn=False) as m:
+        before = m.generate("the", 2)
         with pytest.raises(ValueError, match="do not fit"):
             m.generate(document(200), 2)
-        assert m.generate("the", 2) is not None
+        assert m.generate("the", 2) == before  # the refused call left the context as it was
 
 
 def test_py_typed_is_installed() -> None:
