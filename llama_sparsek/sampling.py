@@ -8,6 +8,7 @@ given.
 from __future__ import annotations
 
 import math
+import numbers
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields, replace
@@ -110,16 +111,19 @@ _INTS = ("top_k", "penalty_last_n", "seed")
 
 
 def _check_types(sampling: Sampling) -> None:
-    """TypeError for a setting of the wrong type (bool is not a number here)."""
-    for name in _REALS + _INTS:
+    """TypeError for a setting of the wrong type (bool is not a number here); integers of other
+    types (numpy's) become ints, for llama.cpp's C calls."""
+    for name in _REALS:
         value = getattr(sampling, name)
-        kinds = (int, float) if name in _REALS else (int,)
-        if (value is None and name == "seed") or (
-            isinstance(value, kinds) and not isinstance(value, bool)
-        ):
+        if not isinstance(value, numbers.Real) or isinstance(value, bool):
+            raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+    for name in _INTS:
+        value = getattr(sampling, name)
+        if value is None and name == "seed":
             continue
-        kind = "a number" if name in _REALS else "an int"
-        raise TypeError(f"{name} must be {kind}, got {type(value).__name__} {value!r}")
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+        object.__setattr__(sampling, name, int(value))
     stop = sampling.stop
     if isinstance(stop, str | bytes) or not isinstance(stop, Sequence):
         raise TypeError(f"stop must be a sequence of strings, got {type(stop).__name__} {stop!r}")

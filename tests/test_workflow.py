@@ -323,6 +323,8 @@ def test_sampling_options_and_validation() -> None:
     ):
         with pytest.raises(TypeError, match=next(iter(wrong))):
             base.with_options(**wrong)
+    numpy_ints = base.with_options(top_k=np.int64(5), seed=np.uint32(3))  # become ints
+    assert (numpy_ints.top_k, numpy_ints.seed) == (5, 3) and type(numpy_ints.top_k) is int
     sampling, rest = split_options({"top_p": 0.5, "n_ctx": 64})
     assert sampling == {"top_p": 0.5} and rest == {"n_ctx": 64}
 
