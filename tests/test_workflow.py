@@ -271,7 +271,7 @@ def test_chat_with_a_named_template_reuses_the_conversation(llm: Llama) -> None:
     pieces = list(llm.stream_chat(messages, 6, template="chatml"))
     assert llm.last_timings is not None
     assert llm.last_timings.reused_tokens >= first.prompt_tokens - 1
-    assert isinstance("".join(pieces), str)
+    assert llm.last_timings.generated_tokens >= len([p for p in pieces if p])
 
 
 @pytest.mark.parametrize(
@@ -309,29 +309,43 @@ def test_sampling_options_and_validation() -> None:
         {"repeat_penalty": 0.0},
         {"repeat_penalty": float("nan")},
         {"penalty_last_n": -1},
-        {"top_k": 1.5},
-        {"stop": "abc"},
         {"stop": [""]},
     ):
         with pytest.raises(ValueError):
             base.with_options(**bad)
+    for wrong in (
+        {"top_k": 1.5},
+        {"penalty_last_n": True},
+        {"temperature": "0.5"},
+        {"seed": 1.0},
+        {"stop": "abc"},
+        {"stop": ["a", None]},
+    ):
+        with pytest.raises(TypeError, match=next(iter(wrong))):
+            base.with_options(**wrong)
+    numpy_ints = base.with_options(top_k=np.int64(5), seed=np.uint32(3))  # become ints
+    assert (numpy_ints.top_k, numpy_ints.seed) == (5, 3) and type(numpy_ints.top_k) is int
     sampling, rest = split_options({"top_p": 0.5, "n_ctx": 64})
     assert sampling == {"top_p": 0.5} and rest == {"n_ctx": 64}
 
 
-def test_repeat_penalty_avoids_repeats(llm: Llama) -> None:
-    prompt = llm.tokenize("the the the the")
-    plain = list(llm.generate_tokens(prompt, 24, stop_at_eog=False))
-    penalized = list(
-        llm.generate_tokens(
-            prompt, 24, stop_at_eog=False, sampling=Sampling(repeat_penalty=1e9, penalty_last_n=64)
-        )
-    )
-    history = prompt + penalized
-    assert len(set(penalized)) == len(penalized)  # never a token from the window
-    assert not set(penalized) & set(prompt)
-    assert len(history) < 64
-    assert plain != penalized or len(set(plain)) == len(plain)
+def test_repeat_penalty_matches_a_numpy_reference(llm: Llama) -> None:
+    """Each penalized greedy token is the argmax of the full evaluation's logits after
+    llama.cpp's repeat penalty (a positive logit divided by it, any other multiplied) on the
+    tokens among the last penalty_last_n (prompt included)."""
+    prompt = llm.tokenize("aaaa")  # the plain continuation repeats tokens of its window
+    penalty, last_n = 1.5, 8
+    sampling = Sampling(repeat_penalty=penalty, penalty_last_n=last_n)
+    plain = list(llm.generate_tokens(prompt, 16, stop_at_eog=False))
+    got = list(llm.generate_tokens(prompt, 16, stop_at_eog=False, sampling=sampling))
+    assert got != plain  # the penalty changed the output: the check below can fail
+    history = list(prompt)
+    for token in got:
+        logits = llm.eval(history)[-1].astype(np.float64)
+        for seen in set(history[-last_n:]):
+            logits[seen] = logits[seen] / penalty if logits[seen] > 0 else logits[seen] * penalty
+        assert token == int(np.argmax(logits))
+        history.append(token)
 
 
 # ---------------------------------------------------------------- guards
@@ -369,7 +383,8 @@ def test_token_bytes_out_of_range(llm: Llama, offset: int) -> None:
 
 
 def test_a_running_generator_holds_the_llama(tiny_model: Path) -> None:
-    m = open_tiny(tiny_model)
+    m = open_tiny(tiny_model, flash_attn=False)  # reused prefixes give fresh results bit for bit
+    before = m.generate("it is", 2)
     gen = m.stream("the and of", 50)
     next(gen)
     errors: list[BaseException] = []
@@ -389,14 +404,16 @@ def test_a_running_generator_holds_the_llama(tiny_model: Path) -> None:
     with pytest.raises(LlamaBusyError, match="close"):
         m.close()
     gen.close()
-    assert m.generate("it is", 2) is not None
+    assert m.generate("it is", 2) == before  # released, and the context is consistent
     m.close()
 
 
 def test_threads_never_corrupt_a_llama(tiny_model: Path) -> None:
     """Two threads hammering one Llama: every call either completes with the single-thread
     result or raises LlamaBusyError."""
-    with open_tiny(tiny_model) as m:
+    # flash attention off: a call that reuses the prompt gives the fresh call's tokens bit for
+    # bit (with it on, the one-token batch of a reused prompt rounds differently)
+    with open_tiny(tiny_model, flash_attn=False) as m:
         prompt = document(60, seed=12)
         expected = m.generate(prompt, 6)
         results: list[str] = []
@@ -415,14 +432,16 @@ def test_threads_never_corrupt_a_llama(tiny_model: Path) -> None:
         for t in threads:
             t.join()
         assert len(results) + busy[0] == 30
+        assert results  # a call is refused only while another one runs, which completes
         assert all(r == expected for r in results)
 
 
 def test_prompt_longer_than_the_context(tiny_model: Path) -> None:
-    with open_tiny(tiny_model, n_ctx=64) as m:
+    with open_tiny(tiny_model, n_ctx=64, flash_attn=False) as m:
+        before = m.generate("the", 2)
         with pytest.raises(ValueError, match="do not fit"):
             m.generate(document(200), 2)
-        assert m.generate("the", 2) is not None
+        assert m.generate("the", 2) == before  # the refused call left the context as it was
 
 
 def test_py_typed_is_installed() -> None:
