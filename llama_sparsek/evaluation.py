@@ -333,6 +333,8 @@ def parse_bench(output: str, setting: SparseK | None = None) -> list[Speed]:
                 r["sparsek_window"],
                 r["sparsek_stride"],
                 r["sparsek_block_size"],
+                r.get("sparsek_sinks", 0),
+                r.get("sparsek_dense_layers", 0),
             )
             if r["sparsek"]
             else None

@@ -226,6 +226,10 @@ def test_sparsek_flags_force_dense_or_the_setting() -> None:
         "128",
         "--sparsek-block-size",
         "8",
+        "--sparsek-sinks",
+        "0",
+        "--sparsek-dense-layers",
+        "0",
     ]
 
 

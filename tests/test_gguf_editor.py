@@ -34,7 +34,10 @@ from llama_sparsek.sparsek import recommended
 
 upstream = pytest.importorskip("gguf")
 
-SPARSEK_KEYS = [f"llama.sparsek.{s}" for s in ("enable", "top_k", "window", "stride", "block_size")]
+SPARSEK_KEYS = [
+    f"llama.sparsek.{s}"
+    for s in ("enable", "top_k", "window", "stride", "block_size", "sinks", "dense_layers")
+]
 
 
 # --- helpers -----------------------------------------------------------------------------------
@@ -195,6 +198,8 @@ def test_round_trip_set_show_unset(tmp_path: Path, alignment: int | None) -> Non
         "llama.sparsek.window": (GGUFType.UINT32, rec.window),
         "llama.sparsek.stride": (GGUFType.UINT32, rec.stride),
         "llama.sparsek.block_size": (GGUFType.UINT32, rec.block_size),
+        "llama.sparsek.sinks": (GGUFType.UINT32, rec.sinks),
+        "llama.sparsek.dense_layers": (GGUFType.UINT32, rec.dense_layers),
     }
     assert new_meta == meta
 
@@ -206,6 +211,8 @@ def test_round_trip_set_show_unset(tmp_path: Path, alignment: int | None) -> Non
         "llama.sparsek.window": rec.window,
         "llama.sparsek.stride": rec.stride,
         "llama.sparsek.block_size": rec.block_size,
+        "llama.sparsek.sinks": rec.sinks,
+        "llama.sparsek.dense_layers": rec.dense_layers,
     }
     text = cli("show", with_keys).output
     assert "* llama.sparsek.top_k" in text and f"top_k={rec.top_k}" in text

@@ -1,9 +1,13 @@
 """A SparseK query keeps the same keys however the prompt was cut into ubatches.
 
-llama.cpp evaluates a prompt in ubatches; a prefix reused from an earlier call, or a token decoded
-alone, is a ubatch of its own. The keys a query keeps must depend only on the query and the keys,
-so that the next-token logits after a prompt are the same whether it was evaluated in one go,
-as a prefix plus a suffix, or with its last tokens decoded one at a time.
+llama.cpp evaluates a prompt in ubatches; a prefix reused from an earlier call, or the question
+after it, is a ubatch of its own. The keys a query keeps must depend only on the query and the
+keys, so that the next-token logits after a prompt are the same whether it was evaluated in one
+go or as a prefix plus a suffix of a few tokens. (Before patch 0013, a ubatch of fewer than 64
+tokens selected single keys instead of blocks: the logits moved by up to 2.5.)
+
+A token decoded alone is not compared: with one row, the CPU weight mat muls take other kernels
+(GEMV instead of GEMM) and round differently even dense, by up to 0.8 in a logit of SmolLM2.
 """
 
 from __future__ import annotations
@@ -15,15 +19,15 @@ import numpy as np
 import pytest
 
 from llama_sparsek import Llama, SparseK
+from llama_sparsek._binding import ffi, lib
 
-# drops most keys from 640 cells on: the prompt's later ubatches all run the SparseK graph
+# drop most keys from 640 cells on: the prompt's later ubatches all run the SparseK graph
 SETTINGS = [
     SparseK(top_k=256, window=64, block_size=8),
-    SparseK(top_k=256, window=64, block_size=1),
-    SparseK(top_k=256, window=64, stride=128, block_size=16),
+    SparseK(top_k=256, window=64, stride=128, block_size=16, sinks=4),
 ]
 N_PROMPT = 2000
-N_TAIL = 64  # decoded one token at a time
+SUFFIXES = (63, 8, 2)  # tokens in the last ubatch
 
 
 def _code_text() -> str:
@@ -38,7 +42,8 @@ def _last_logits(llm: Llama, chunks: Sequence[Sequence[int]]) -> np.ndarray:
     llm.reset()
     for chunk in chunks:
         llm._decode(chunk, all_logits=False)
-    return llm._logits(1)[0]
+    ptr = lib.llama_get_logits_ith(llm._live_ctx(), -1)
+    return np.frombuffer(ffi.buffer(ptr, 4 * llm.n_vocab), dtype=np.float32).copy()
 
 
 @pytest.mark.slow
@@ -52,13 +57,7 @@ def test_logits_do_not_depend_on_the_split(smollm2_path: Path, settings: SparseK
     with Llama(smollm2_path, sparsek=settings, **opts) as llm:  # type: ignore[arg-type]
         tokens = llm.tokenize(_code_text())[:N_PROMPT]
         assert len(tokens) == N_PROMPT
-        head, tail = tokens[:-N_TAIL], tokens[-N_TAIL:]
         whole = _last_logits(llm, [tokens])
-        by_token = _last_logits(llm, [head, *([t] for t in tail)])
-        two_parts = _last_logits(llm, [head, tail])
-    print(
-        f"max |logit diff| vs one batch: token by token {np.abs(by_token - whole).max():.3g}, "
-        f"prefix + suffix {np.abs(two_parts - whole).max():.3g}"
-    )
-    np.testing.assert_allclose(by_token, whole, atol=1e-3, rtol=0)
-    np.testing.assert_allclose(two_parts, whole, atol=1e-3, rtol=0)
+        for n in SUFFIXES:
+            split = _last_logits(llm, [tokens[:-n], tokens[-n:]])
+            np.testing.assert_allclose(split, whole, atol=1e-4, rtol=0, err_msg=f"suffix {n}")
