@@ -56,6 +56,8 @@ def test_parse_grid_reads_top_k_window_and_optional_block() -> None:
         "qwen2.sparsek.window": 64,
         "qwen2.sparsek.stride": 0,
         "qwen2.sparsek.block_size": 16,
+        "qwen2.sparsek.sinks": 0,
+        "qwen2.sparsek.dense_layers": 0,
     }
 
 
