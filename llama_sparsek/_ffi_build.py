@@ -86,6 +86,8 @@ struct llama_context_params {
     int32_t sparsek_window;
     int32_t sparsek_stride;
     int32_t sparsek_block_size;
+    int32_t sparsek_sinks;
+    int32_t sparsek_dense_layers;
     ...;
 };
 
@@ -95,6 +97,8 @@ struct llama_sparsek_params {
     int32_t window;
     int32_t stride;
     int32_t block_size;
+    int32_t sinks;
+    int32_t dense_layers;
     ...;
 };
 

@@ -112,6 +112,13 @@ def set_(
         int | None,
         typer.Option("--block-size", help="Select blocks of this many keys (1: single keys)."),
     ] = None,
+    sinks: Annotated[
+        int | None, typer.Option(help="The first positions of a sequence, always kept.")
+    ] = None,
+    dense_layers: Annotated[
+        int | None,
+        typer.Option("--dense-layers", help="The first layers keep every key (0: none)."),
+    ] = None,
     enable: Annotated[
         bool | None,
         typer.Option(
@@ -137,7 +144,7 @@ def set_(
     with _errors():
         info = read_metadata(file)
         updates: dict[str, Update] = {}
-        given = (top_k, window, stride, block_size, enable)
+        given = (top_k, window, stride, block_size, sinks, dense_layers, enable)
         if any(v is not None for v in given):
             updates = sparsek_updates(
                 info,
@@ -145,6 +152,8 @@ def set_(
                 window=window,
                 stride=stride,
                 block_size=block_size,
+                sinks=sinks,
+                dense_layers=dense_layers,
                 enable=enable,
             )
         for spec in kv or ():
@@ -154,7 +163,8 @@ def set_(
             updates[key] = update
         if not updates:
             raise GGUFError(
-                "nothing to set: give --top-k, --window, --stride, --block-size, --enable, --kv"
+                "nothing to set: give --top-k, --window, --stride, --block-size, --sinks, "
+                "--dense-layers, --enable, --kv"
             )
         result = edit_metadata(info, updates, out=out, in_place=in_place, dry_run=dry_run)
     _report(result)

@@ -63,9 +63,10 @@ def kv_view(n_tokens: int) -> int:
 
 def sparsek_applies(setting: SparseK, n_kv: int) -> bool:
     """Whether llama.cpp runs SparseK over a KV view of n_kv cells: only where the mask keeps
-    less than half of the keys (top_k + window + the strided keys), else the graph is dense."""
+    less than half of the keys (top_k + window + the strided keys + the sinks), else the graph
+    is dense."""
     strided = -(-n_kv // setting.stride) if setting.stride > 0 else 0
-    kept = min(n_kv, setting.top_k + min(n_kv, setting.window + strided))
+    kept = min(n_kv, setting.top_k + min(n_kv, setting.window + strided + setting.sinks))
     return 2 * kept < n_kv
 
 
@@ -308,6 +309,8 @@ def parse_bench(output: str, setting: SparseK | None = None) -> list[Speed]:
                 r["sparsek_window"],
                 r["sparsek_stride"],
                 r["sparsek_block_size"],
+                r.get("sparsek_sinks", 0),
+                r.get("sparsek_dense_layers", 0),
             )
             if r["sparsek"]
             else None

@@ -42,7 +42,9 @@ from typing import Literal, NamedTuple, TypeAlias
 from llama_sparsek import tempfiles
 from llama_sparsek.sparsek import (
     KEY_BLOCK_SIZE,
+    KEY_DENSE_LAYERS,
     KEY_ENABLE,
+    KEY_SINKS,
     KEY_STRIDE,
     KEY_SUFFIXES,
     KEY_TOP_K,
@@ -636,6 +638,8 @@ def set_sparsek(
     window: int | None = None,
     stride: int | None = None,
     block_size: int | None = None,
+    sinks: int | None = None,
+    dense_layers: int | None = None,
     enable: bool | None = None,
     out: str | os.PathLike[str] | None = None,
     in_place: bool = False,
@@ -644,7 +648,14 @@ def set_sparsek(
     """Write `<arch>.sparsek.*` keys; `enable=True` alone writes the recommended settings."""
     info = read_metadata(path)
     updates = sparsek_updates(
-        info, top_k=top_k, window=window, stride=stride, block_size=block_size, enable=enable
+        info,
+        top_k=top_k,
+        window=window,
+        stride=stride,
+        block_size=block_size,
+        sinks=sinks,
+        dense_layers=dense_layers,
+        enable=enable,
     )
     return edit_metadata(info, updates, out=out, in_place=in_place, dry_run=dry_run)
 
@@ -671,6 +682,8 @@ def sparsek_updates(
     window: int | None = None,
     stride: int | None = None,
     block_size: int | None = None,
+    sinks: int | None = None,
+    dense_layers: int | None = None,
     enable: bool | None = None,
 ) -> dict[str, Update]:
     """The updates that write the given SparseK settings under the file's architecture.
@@ -684,6 +697,8 @@ def sparsek_updates(
         KEY_WINDOW: window,
         KEY_STRIDE: stride,
         KEY_BLOCK_SIZE: block_size,
+        KEY_SINKS: sinks,
+        KEY_DENSE_LAYERS: dense_layers,
     }
     if enable is True and all(v is None for v in settings.values()):
         rec = recommended(arch)
@@ -692,6 +707,8 @@ def sparsek_updates(
             KEY_WINDOW: rec.window,
             KEY_STRIDE: rec.stride,
             KEY_BLOCK_SIZE: rec.block_size,
+            KEY_SINKS: rec.sinks,
+            KEY_DENSE_LAYERS: rec.dense_layers,
         }
     updates: dict[str, Update] = {}
     if enable is not None:
@@ -700,7 +717,9 @@ def sparsek_updates(
         if value is not None:
             updates[sparsek_key(arch, suffix)] = (sparsek_type(suffix), value)
     if not updates:
-        raise GGUFError("nothing to set: give top_k, window, stride, block_size or enable")
+        raise GGUFError(
+            "nothing to set: give top_k, window, stride, block_size, sinks, dense_layers or enable"
+        )
     return updates
 
 

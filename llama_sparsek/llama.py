@@ -267,6 +267,8 @@ class Llama:
             cparams.sparsek_window = sparsek.window
             cparams.sparsek_stride = sparsek.stride
             cparams.sparsek_block_size = sparsek.block_size
+            cparams.sparsek_sinks = sparsek.sinks
+            cparams.sparsek_dense_layers = sparsek.dense_layers
         if self._cb_eval is not None:
             cparams.cb_eval = lib._llama_sparsek_eval
             cparams.cb_eval_user_data = self._cb_eval
@@ -280,7 +282,14 @@ class Llama:
         resolved = lib.llama_get_sparsek(self._ctx)
         # the settings in effect (None: dense attention), as llama.cpp resolved them
         self.sparsek: SparseK | None = (
-            SparseK(resolved.top_k, resolved.window, resolved.stride, resolved.block_size)
+            SparseK(
+                resolved.top_k,
+                resolved.window,
+                resolved.stride,
+                resolved.block_size,
+                resolved.sinks,
+                resolved.dense_layers,
+            )
             if resolved.enabled
             else None
         )

@@ -11,7 +11,17 @@ KEY_TOP_K = "top_k"
 KEY_WINDOW = "window"
 KEY_STRIDE = "stride"
 KEY_BLOCK_SIZE = "block_size"
-KEY_SUFFIXES = (KEY_ENABLE, KEY_TOP_K, KEY_WINDOW, KEY_STRIDE, KEY_BLOCK_SIZE)
+KEY_SINKS = "sinks"
+KEY_DENSE_LAYERS = "dense_layers"
+KEY_SUFFIXES = (
+    KEY_ENABLE,
+    KEY_TOP_K,
+    KEY_WINDOW,
+    KEY_STRIDE,
+    KEY_BLOCK_SIZE,
+    KEY_SINKS,
+    KEY_DENSE_LAYERS,
+)
 # the largest value the patched llama.cpp accepts (INT32_MAX/4: sums of them stay in int32)
 MAX_VALUE = (2**31 - 1) // 4
 
@@ -56,18 +66,23 @@ class SparseK:
 
     Each query keeps every key of the local ``window`` (the last ``window`` positions up to and
     including the query), when ``stride`` > 0 every key whose position is a multiple of
-    ``stride``, and ``top_k`` more keys its causal mask allows: with ``block_size`` 1 the
-    ``top_k`` best-scoring keys, else the ``top_k // block_size`` best-scoring blocks of
-    ``block_size`` consecutive KV cells (scored by the per-channel min/max of their keys).
+    ``stride``, the keys of the first ``sinks`` positions of its sequence, and ``top_k`` more
+    keys its causal mask allows: with ``block_size`` 1 the ``top_k`` best-scoring keys, else the
+    ``top_k // block_size`` blocks of ``block_size`` consecutive KV cells whose best key scores
+    best. The first ``dense_layers`` layers keep every key.
     """
 
-    top_k: int = 1280
+    top_k: int = 1536
     window: int = 256
     stride: int = 0
     block_size: int = 8
+    sinks: int = 0
+    dense_layers: int = 1
 
     def __post_init__(self) -> None:
-        validate(self.top_k, self.window, self.stride, self.block_size)
+        validate(
+            self.top_k, self.window, self.stride, self.block_size, self.sinks, self.dense_layers
+        )
 
     def kv_overrides(self, arch: str) -> dict[str, bool | int]:
         """The llama.cpp kv_overrides that enable these settings for a model of `arch`."""
@@ -77,11 +92,20 @@ class SparseK:
             sparsek_key(arch, KEY_WINDOW): self.window,
             sparsek_key(arch, KEY_STRIDE): self.stride,
             sparsek_key(arch, KEY_BLOCK_SIZE): self.block_size,
+            sparsek_key(arch, KEY_SINKS): self.sinks,
+            sparsek_key(arch, KEY_DENSE_LAYERS): self.dense_layers,
         }
 
 
 # the smallest value each setting accepts
-_MIN_VALUE = {KEY_TOP_K: 1, KEY_WINDOW: 0, KEY_STRIDE: 0, KEY_BLOCK_SIZE: 1}
+_MIN_VALUE = {
+    KEY_TOP_K: 1,
+    KEY_WINDOW: 0,
+    KEY_STRIDE: 0,
+    KEY_BLOCK_SIZE: 1,
+    KEY_SINKS: 0,
+    KEY_DENSE_LAYERS: 0,
+}
 
 
 def validate_value(name: str, value: object) -> None:
@@ -110,9 +134,23 @@ def validate_block_size(top_k: int, window: int, block_size: int) -> None:
         )
 
 
-def validate(top_k: int, window: int, stride: int, block_size: int = 1) -> None:
+def validate(
+    top_k: int,
+    window: int,
+    stride: int,
+    block_size: int = 1,
+    sinks: int = 0,
+    dense_layers: int = 0,
+) -> None:
     """Raise TypeError or ValueError unless the values are usable SparseK settings."""
-    values = {KEY_TOP_K: top_k, KEY_WINDOW: window, KEY_STRIDE: stride, KEY_BLOCK_SIZE: block_size}
+    values = {
+        KEY_TOP_K: top_k,
+        KEY_WINDOW: window,
+        KEY_STRIDE: stride,
+        KEY_BLOCK_SIZE: block_size,
+        KEY_SINKS: sinks,
+        KEY_DENSE_LAYERS: dense_layers,
+    }
     for name, value in values.items():
         validate_value(name, value)
     validate_block_size(top_k, window, block_size)
@@ -121,11 +159,13 @@ def validate(top_k: int, window: int, stride: int, block_size: int = 1) -> None:
 def recommended(arch: str | None = None) -> SparseK:
     """The project's recommended SparseK settings for a model architecture.
 
-    This is the one place that owns the defaults: `SparseK()` and `gguf set --enable` use it.
-    Chosen by measurements on SmolLM2-135M (README, "Results"): the fastest setting measured
-    within 2% perplexity of dense attention on an 8k-token window. SparseK only runs where it
-    keeps less than half of the keys (here from a KV cache view of 3,328 cells on), so short
-    prompts stay dense.
+    This is the one place that owns the defaults: `SparseK()` and `gguf set --enable` use it,
+    and llama.cpp's `LLAMA_SPARSEK_DEFAULT_*` (patch 0016) must equal it. Chosen by measurements
+    on SmolLM2-135M (README, "Quality across corpora"): the rule is the worst corpus, not the
+    average - within 2% perplexity of dense attention on every corpus that chooses (prose,
+    Python code, reStructuredText docs; 8k context, two windows) while prefilling at least 2x
+    dense at depth 7168. SparseK only runs where it keeps less than half of the keys (here from
+    a KV cache view of 3,840 cells on), so short prompts stay dense.
     """
     del arch  # one setting for every architecture until measurements say otherwise
     return SparseK()
@@ -148,6 +188,10 @@ def tool_flags(setting: SparseK | None) -> list[str]:
         str(setting.stride),
         "--sparsek-block-size",
         str(setting.block_size),
+        "--sparsek-sinks",
+        str(setting.sinks),
+        "--sparsek-dense-layers",
+        str(setting.dense_layers),
     ]
 
 
@@ -157,10 +201,19 @@ def from_options(
     window: int | None = None,
     stride: int | None = None,
     block_size: int | None = None,
+    sinks: int | None = None,
+    dense_layers: int | None = None,
 ) -> SparseK | None:
     """The settings command-line options ask for: the recommended ones with the given values on
     top, or None when SparseK is off (ValueError for values without SparseK, or out of range)."""
-    given = {"top_k": top_k, "window": window, "stride": stride, "block_size": block_size}
+    given = {
+        "top_k": top_k,
+        "window": window,
+        "stride": stride,
+        "block_size": block_size,
+        "sinks": sinks,
+        "dense_layers": dense_layers,
+    }
     chosen = {k: v for k, v in given.items() if v is not None}
     if not enabled:
         if chosen:

@@ -18,8 +18,8 @@ Semantics. For the query token at position p the kept keys are the keys its base
 * the strided keys (stride > 0): positions divisible by stride,
 * block_size 1: the ``top_k`` best-scoring remaining keys (allowed and not already forced);
   block_size B > 1: the keys of the ``top_k // B`` best-scoring candidate blocks of B consecutive
-  cells (see ``block_scores`` and ``candidate_blocks``). Blocks are used only for ubatches of at
-  least ``MIN_TOKENS_FOR_BLOCKS`` tokens; smaller ones (decoding) select single keys.
+  cells (see ``block_scores`` and ``candidate_blocks``), for every ubatch size: a row's selection
+  depends only on its query and the keys, not on how many tokens its ubatch holds.
 
 Forced (window/stride) keys are counted per row in cell order and capped at
 ``n_forced_max = min(n_kv, window + ceil(n_kv/stride))`` (``window`` if stride == 0); the cap only
@@ -60,8 +60,6 @@ Capturing the inputs from llama.cpp with the eval callback (per layer il, KV-cac
   are the ones captured before (the K cache holds them at cell = position for a single sequence
   started at position 0).
 * ``sparsek_q-<il>``: the group-summed q, f32 [head_dim*n_head_kv, n_tokens/n_stream, n_stream].
-* ``sparsek_k-<il>`` (block_size > 1): the per-block [max; min] of the keys, f32
-  [2*head_dim*n_head_kv, n_blk, n_stream].
 * ``sparsek_scores-<il>``: the scores, f32 [n_blk, n_tokens/n_stream, 1, n_stream] (n_blk = n_kv
   with block_size 1), -inf at blocks that are not candidates; its src[1] is the candidate input
   ``attn_inp_kq_mask_sk_cand``.
@@ -86,15 +84,6 @@ def n_forced_max(n_kv: int, window: int, stride: int) -> int:
 def n_kv_max(n_kv: int, top_k: int, window: int, stride: int) -> int:
     """The flash-attention hint: an upper bound of the finite entries in every mask row."""
     return min(n_kv, top_k + n_forced_max(n_kv, window, stride))
-
-
-# llama.cpp selects blocks only for ubatches of at least this many tokens, single keys otherwise
-MIN_TOKENS_FOR_BLOCKS = 64
-
-
-def block_size_for(n_tokens: int, block_size: int) -> int:
-    """The block size llama.cpp uses for a ubatch of n_tokens (1 when decoding)."""
-    return block_size if n_tokens >= MIN_TOKENS_FOR_BLOCKS else 1
 
 
 def uses_sparsek(n_kv: int, top_k: int, window: int, stride: int) -> bool:
@@ -173,26 +162,16 @@ def block_scores(
     block_size: int,
     round_f16: bool = False,
 ) -> np.ndarray:
-    """(n_tokens, n_kv // block_size) float64 block scores.
-
-    block_size 1: the key scores (``sparsek_scores``). Otherwise the upper bound of the key
-    scores over the block from the per-channel max and min of its keys:
-    sum_c max(q_c * max_c, q_c * min_c) (Quest); the cells past the last whole block are in none.
-
-    round_f16: round k to float16 (the f16 K cache); with blocks the graph pools f32 copies of
-    the cache rows and multiplies them by the f32 query, so q is not rounded.
-    """
+    """(n_tokens, n_kv // block_size) float64 block scores: the best key score of each block of
+    block_size consecutive cells (``sparsek_scores`` for block_size 1); the cells past the last
+    whole block are in none."""
+    scores = sparsek_scores(q, k, round_f16)
     if block_size == 1:
-        return sparsek_scores(q, k, round_f16)
-    qs = _group_summed_q(q, k).astype(np.float64)
-    ks = k.astype(np.float32).reshape(k.shape[0], -1)
-    if round_f16:
-        ks = ks.astype(np.float16)
+        return scores
     n_blk = k.shape[0] // block_size
-    kb = ks[: n_blk * block_size].astype(np.float64).reshape(n_blk, block_size, -1)
-    k_max, k_min = kb.max(axis=1), kb.min(axis=1)
-    q_pos = np.maximum(qs, 0.0)
-    res: np.ndarray = q_pos @ k_max.T + (qs - q_pos) @ k_min.T
+    res: np.ndarray = (
+        scores[:, : n_blk * block_size].reshape(scores.shape[0], n_blk, block_size).max(axis=2)
+    )
     return res
 
 
@@ -232,7 +211,6 @@ def sparsek_mask(
 
     if not uses_sparsek(n_kv, top_k, window, stride):
         return base_mask.copy()
-    block_size = block_size_for(n_tokens, block_size)
 
     forced = sparsek_forced(base_mask, positions_q, positions_k, window, stride)
     cand = candidate_blocks(base_mask, forced, block_size)

@@ -62,6 +62,8 @@ def test_parse_grid_reads_top_k_window_and_optional_block() -> None:
         "qwen2.sparsek.window": 64,
         "qwen2.sparsek.stride": 0,
         "qwen2.sparsek.block_size": 16,
+        "qwen2.sparsek.sinks": 0,
+        "qwen2.sparsek.dense_layers": 0,
     }
 
 
@@ -185,9 +187,13 @@ def test_kv_view_is_padded_to_256_cells() -> None:
 
 
 def test_sparsek_applies_where_the_reference_says() -> None:
-    # SparseK() keeps 1280 + 256 keys: dense up to a view of 3072 cells, sparse from 3328 on
-    assert not sparsek_applies(SparseK(), kv_view(3072))
-    assert sparsek_applies(SparseK(), kv_view(3073))
+    # SparseK() keeps 1536 + 256 keys: dense up to a view of 3584 cells, sparse from 3840 on
+    assert not sparsek_applies(SparseK(), kv_view(3584))
+    assert sparsek_applies(SparseK(), kv_view(3585))
+    # sinks are forced keys too: 64 + 32 + 32 kept, so 256 cells are dense and 512 sparse
+    assert not sparsek_applies(SparseK(64, 32, sinks=32, dense_layers=0), 256)
+    assert sparsek_applies(SparseK(64, 32, sinks=32, dense_layers=0), 512)
+    assert not sparsek_applies(SparseK(64, 32, sinks=160, dense_layers=0), 512)
     for setting in (SparseK(64, 32), SparseK(96, 16, 40), SparseK(128, 64, 3, 8)):
         for n_kv in range(256, 4097, 256):
             want = ref.uses_sparsek(n_kv, setting.top_k, setting.window, setting.stride)
@@ -290,6 +296,10 @@ def test_sparsek_flags_force_dense_or_the_setting() -> None:
         "128",
         "--sparsek-block-size",
         "8",
+        "--sparsek-sinks",
+        "0",
+        "--sparsek-dense-layers",
+        "0",
     ]
 
 

@@ -34,7 +34,10 @@ from llama_sparsek.gguf import (
 )
 from llama_sparsek.sparsek import recommended
 
-SPARSEK_KEYS = [f"llama.sparsek.{s}" for s in ("enable", "top_k", "window", "stride", "block_size")]
+SPARSEK_KEYS = [
+    f"llama.sparsek.{s}"
+    for s in ("enable", "top_k", "window", "stride", "block_size", "sinks", "dense_layers")
+]
 
 
 # --- helpers -----------------------------------------------------------------------------------
@@ -195,6 +198,8 @@ def test_round_trip_set_show_unset(tmp_path: Path, alignment: int | None) -> Non
         "llama.sparsek.window": (GGUFType.UINT32, rec.window),
         "llama.sparsek.stride": (GGUFType.UINT32, rec.stride),
         "llama.sparsek.block_size": (GGUFType.UINT32, rec.block_size),
+        "llama.sparsek.sinks": (GGUFType.UINT32, rec.sinks),
+        "llama.sparsek.dense_layers": (GGUFType.UINT32, rec.dense_layers),
     }
     assert new_meta == meta
 
@@ -206,6 +211,8 @@ def test_round_trip_set_show_unset(tmp_path: Path, alignment: int | None) -> Non
         "llama.sparsek.window": rec.window,
         "llama.sparsek.stride": rec.stride,
         "llama.sparsek.block_size": rec.block_size,
+        "llama.sparsek.sinks": rec.sinks,
+        "llama.sparsek.dense_layers": rec.dense_layers,
     }
     text = cli("show", with_keys).output
     assert "* llama.sparsek.top_k" in text and f"top_k={rec.top_k}" in text
@@ -335,7 +342,7 @@ def test_enable_alone_writes_recommended_and_disable_only_enable(model: Path) ->
     meta = read_metadata(model).metadata
     assert meta["llama.sparsek.top_k"] == (GGUFType.UINT32, 24)
     assert meta["llama.sparsek.enable"] == (GGUFType.BOOL, False)
-    assert list(meta)[-5:] == SPARSEK_KEYS  # new keys are appended
+    assert list(meta)[-len(SPARSEK_KEYS) :] == SPARSEK_KEYS  # new keys are appended
 
 
 def test_block_size_must_fit_top_k_and_window(model: Path) -> None:

@@ -131,6 +131,8 @@ NEW_INT_KEYS = [
     "llama.sparsek.window",
     "llama.sparsek.block_size",
     "llama.sparsek.stride",
+    "llama.sparsek.sinks",
+    "llama.sparsek.dense_layers",
     "llama.embedding_length_out",
     "llama.pooling_type",
 ]

@@ -71,7 +71,11 @@ def assert_close_to_dense(
 
 
 # with blocks, window >= block_size keeps the allowed keys of the partly future diagonal block
-EVERY_KEY = [SparseK(top_k=112, window=0, block_size=1), SparseK(top_k=112, window=8, block_size=8)]
+# dense_layers 0: the tests look at the masks of the tiny model's first layers
+EVERY_KEY = [
+    SparseK(top_k=112, window=0, block_size=1, dense_layers=0),
+    SparseK(top_k=112, window=8, block_size=8, dense_layers=0),
+]
 
 
 @pytest.mark.parametrize("settings", EVERY_KEY, ids=["keys", "blocks"])
@@ -159,7 +163,9 @@ def test_mask_matches_numpy_reference(
 
     n = 200
     tokens = _tokens(n, seed=3)
-    settings = SparseK(top_k=top_k, window=window, stride=stride, block_size=block_size)
+    settings = SparseK(
+        top_k=top_k, window=window, stride=stride, block_size=block_size, dense_layers=0
+    )
     with Llama(tiny_model, n_ctx=512, n_threads=2, sparsek=settings, cb_eval=cb) as llm:
         llm.eval(tokens)
     assert wanted <= captured.keys(), sorted(captured)
@@ -319,7 +325,7 @@ def _sparsek_tensors(path: Path, tokens: list[int], **opts: object) -> tuple[np.
     return logits, {name for name in seen if name.startswith("sparsek_")}
 
 
-SMALL = SparseK(top_k=16, window=8, block_size=8)
+SMALL = SparseK(top_k=16, window=8, block_size=8, dense_layers=0)
 
 
 @pytest.fixture(scope="module")

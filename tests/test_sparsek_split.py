@@ -1,0 +1,63 @@
+"""A SparseK query keeps the same keys however the prompt was cut into ubatches.
+
+llama.cpp evaluates a prompt in ubatches; a prefix reused from an earlier call, or the question
+after it, is a ubatch of its own. The keys a query keeps must depend only on the query and the
+keys, so that the next-token logits after a prompt are the same whether it was evaluated in one
+go or as a prefix plus a suffix of a few tokens. (Before patch 0013, a ubatch of fewer than 64
+tokens selected single keys instead of blocks: the logits moved by up to 2.5.)
+
+A token decoded alone is not compared: with one row, the CPU weight mat muls take other kernels
+(GEMV instead of GEMM) and round differently even dense, by up to 0.8 in a logit of SmolLM2.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from llama_sparsek import Llama, SparseK
+from llama_sparsek._binding import ffi, lib
+
+# drop most keys from 640 cells on: the prompt's later ubatches all run the SparseK graph
+SETTINGS = [
+    SparseK(top_k=256, window=64, block_size=8),
+    SparseK(top_k=256, window=64, stride=128, block_size=16, sinks=4),
+]
+N_PROMPT = 2000
+SUFFIXES = (63, 8, 2)  # tokens in the last ubatch
+
+
+def _code_text() -> str:
+    """Code-like text whose later lines call functions defined far back (retrieval-like keys)."""
+    lines = [f"def f_{i}(x):\n    return x * {i * 7919 % 1000} + {i}\n" for i in range(120)]
+    lines += [f"y_{i} = f_{(i * 37) % 120}(y_{i - 1})\n" for i in range(1, 200)]
+    return "".join(lines)
+
+
+def _last_logits(llm: Llama, chunks: Sequence[Sequence[int]]) -> np.ndarray:
+    """Logits after the last token, the chunks decoded one after another from an empty context."""
+    llm.reset()
+    for chunk in chunks:
+        llm._decode(chunk, all_logits=False)
+    ptr = lib.llama_get_logits_ith(llm._live_ctx(), -1)
+    return np.frombuffer(ffi.buffer(ptr, 4 * llm.n_vocab), dtype=np.float32).copy()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "settings", SETTINGS, ids=lambda s: f"k{s.top_k}-w{s.window}-s{s.stride}-b{s.block_size}"
+)
+def test_logits_do_not_depend_on_the_split(smollm2_path: Path, settings: SparseK) -> None:
+    # flash attention off: its CPU kernel rounds ubatches of fewer than 64 rows differently even
+    # dense, while the soft-max path gives a reused prefix bit-identical logits
+    opts = {"n_ctx": 2048, "n_batch": 2048, "n_ubatch": 512, "n_threads": 2, "flash_attn": False}
+    with Llama(smollm2_path, sparsek=settings, **opts) as llm:  # type: ignore[arg-type]
+        tokens = llm.tokenize(_code_text())[:N_PROMPT]
+        assert len(tokens) == N_PROMPT
+        whole = _last_logits(llm, [tokens])
+        for n in SUFFIXES:
+            split = _last_logits(llm, [tokens[:-n], tokens[-n:]])
+            np.testing.assert_allclose(split, whole, atol=1e-4, rtol=0, err_msg=f"suffix {n}")
