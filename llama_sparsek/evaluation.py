@@ -302,7 +302,7 @@ def parse_bench(output: str, setting: SparseK | None = None) -> list[Speed]:
     speeds = []
     for r in records:
         if "sparsek" not in r:
-            raise EvalError("llama-bench reports no SparseK settings: a build without patch 0008?")
+            raise EvalError("llama-bench reports no SparseK settings: a build without patch 0014?")
         got = (
             SparseK(
                 r["sparsek_top_k"],

@@ -79,6 +79,15 @@ def python_greedy(model: Path, prompt: list[int], settings: SparseK | None, n: i
         return list(llm.generate_tokens(prompt, n, stop_at_eog=False))
 
 
+TINY_EOS = 2  # the tiny model's end-of-generation token (conftest.write_tiny_llama)
+
+
+def before_eos(tokens: list[int]) -> list[int]:
+    """The greedy tokens up to the tiny model's first end of generation: past it the server
+    (`ignore_eos` bans the token) and the Python API (which takes it) continue differently."""
+    return tokens[: tokens.index(TINY_EOS)] if TINY_EOS in tokens else tokens
+
+
 def greedy_body(prompt: list[int], n: int) -> dict[str, Any]:
     """A /completion request for `n` greedy tokens after the token ids `prompt`, ids back."""
     return {

@@ -43,7 +43,7 @@ def test_sparsek_mask_ops_case() -> None:
 
 
 def test_repack_mul_mat_cases() -> None:
-    # MUL_MAT/MUL_MAT_ID with the weights in CPU_REPACK (Q4_0, and Q4_1 of patch 0007); a CPU
+    # MUL_MAT/MUL_MAT_ID with the weights in CPU_REPACK (Q4_0, and Q4_1 of patch 0010); a CPU
     # without a kernel for the type skips its cases, x86-64 (AVX2) has kernels for both types
     passed, total = run_backend_ops(
         "-o", "MUL_MAT,MUL_MAT_ID", "-p", "buft=CPU_REPACK", timeout=600

@@ -63,7 +63,7 @@ def test_parse_grid_reads_top_k_window_and_optional_block() -> None:
         "qwen2.sparsek.stride": 0,
         "qwen2.sparsek.block_size": 16,
         "qwen2.sparsek.sinks": 0,
-        "qwen2.sparsek.dense_layers": 0,
+        "qwen2.sparsek.dense_layers": 1,  # the default, which a grid entry does not name
     }
 
 
@@ -215,7 +215,8 @@ def _report(sparse_ppl: dict[int, float], setting: SparseK) -> Report:
 def test_notes_blame_the_build_only_where_sparsek_should_have_run() -> None:
     # 2048 cells: SparseK() keeps half of them or more and runs dense by design
     notes = list(_notes(_report({2048: 10.0}, SparseK())))
-    assert len(notes) == 1 and "by design" in notes[0] and "k1280/w256/b8 at ctx 2048" in notes[0]
+    assert len(notes) == 1 and "by design" in notes[0]
+    assert f"{label(SparseK())} at ctx 2048" in notes[0]
     assert not any("patch" in n for n in notes)
     # 8192 cells: it should drop keys, so the dense perplexity there means it did not run
     notes = list(_notes(_report({2048: 10.0, 8192: 10.0}, SparseK())))
@@ -272,6 +273,7 @@ def test_parse_bench_checks_the_settings_llama_bench_ran() -> None:
     dense = DENSE_RECORD
     sparse = dense | {"sparsek": True, "sparsek_top_k": 64, "sparsek_window": 32}
     sparse["sparsek_block_size"] = 8
+    sparse["sparsek_dense_layers"] = 1  # SparseK's default
     setting = SparseK(64, 32, block_size=8)
     with pytest.raises(EvalError, match="no SparseK settings"):
         parse_bench(json.dumps([record]), None)
@@ -299,7 +301,7 @@ def test_sparsek_flags_force_dense_or_the_setting() -> None:
         "--sparsek-sinks",
         "0",
         "--sparsek-dense-layers",
-        "0",
+        "1",
     ]
 
 

@@ -23,6 +23,7 @@ from server_support import (
     PY_BATCHES,
     SPARSE,
     SPARSE_CTX,
+    before_eos,
     events,
     greedy_body,
     long_prompt,
@@ -164,13 +165,14 @@ def test_long_prompt_with_sparsek_equals_python(tiny_model: Path, tmp_path: Path
 
     prompt = long_prompt(700, TINY["n_vocab"])
     n = 24
-    expected = python_greedy(tiny_model, prompt, SPARSE, n)
+    expected = before_eos(python_greedy(tiny_model, prompt, SPARSE, n))
+    assert len(expected) >= 4
     # SparseK changes this answer: the server's must come from the sparse graph
-    assert python_greedy(tiny_model, prompt, None, n) != expected
+    assert python_greedy(tiny_model, prompt, None, n)[: len(expected)] != expected
     with serve(tmp_path, tiny_model, SPARSE, ctx=SPARSE_CTX, extra=PY_BATCHES) as url:
         answer = ok(f"{url}/completion", greedy_body(prompt, n))
     assert answer["tokens_evaluated"] == len(prompt)
-    assert answer["tokens"] == expected
+    assert answer["tokens"][: len(expected)] == expected
 
 
 def test_the_server_gets_the_runtime_sparsek_flags(tiny_model: Path) -> None:

@@ -216,14 +216,13 @@ def test_small_k_changes_output_deterministically(smollm2_path: Path) -> None:
 def test_gguf_set_file_is_picked_up(smollm2_path: Path, tmp_path: Path) -> None:
     """Settings injected into the file act exactly like the same kv_overrides."""
     edited = tmp_path / "smollm2-sparsek.gguf"
-    gguf.set_sparsek(
-        smollm2_path, top_k=32, window=16, stride=0, block_size=8, enable=True, out=edited
-    )
+    values = {"top_k": 32, "window": 16, "stride": 0, "block_size": 8, "dense_layers": 1}
+    gguf.set_sparsek(smollm2_path, **values, enable=True, out=edited)
     text = "The quick brown fox jumps over the lazy dog. " * 40
     with Llama(edited, n_ctx=1024, n_threads=2) as from_file:
         toks = from_file.tokenize(text)
         got = from_file.eval(toks)
-    settings = SparseK(top_k=32, window=16, stride=0, block_size=8)
+    settings = SparseK(**values)
     with Llama(smollm2_path, n_ctx=1024, n_threads=2, sparsek=settings) as overridden:
         want = overridden.eval(toks)
     with Llama(smollm2_path, n_ctx=1024, n_threads=2) as dense:
