@@ -701,15 +701,7 @@ def sparsek_updates(
         KEY_DENSE_LAYERS: dense_layers,
     }
     if enable is True and all(v is None for v in settings.values()):
-        rec = recommended(arch)
-        settings = {
-            KEY_TOP_K: rec.top_k,
-            KEY_WINDOW: rec.window,
-            KEY_STRIDE: rec.stride,
-            KEY_BLOCK_SIZE: rec.block_size,
-            KEY_SINKS: rec.sinks,
-            KEY_DENSE_LAYERS: rec.dense_layers,
-        }
+        settings = dict(recommended(arch).values())
     updates: dict[str, Update] = {}
     if enable is not None:
         updates[sparsek_key(arch, KEY_ENABLE)] = (sparsek_type(KEY_ENABLE), enable)

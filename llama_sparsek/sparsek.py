@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 
 # Suffixes of the arch-prefixed GGUF keys read by the patched llama.cpp
 # (`<arch>.sparsek.<suffix>`, e.g. `llama.sparsek.top_k`).
@@ -84,17 +84,16 @@ class SparseK:
             self.top_k, self.window, self.stride, self.block_size, self.sinks, self.dense_layers
         )
 
+    def values(self) -> dict[str, int]:
+        """The settings by key suffix (`top_k`, ...): the field names are the suffixes."""
+        return asdict(self)
+
     def kv_overrides(self, arch: str) -> dict[str, bool | int]:
         """The llama.cpp kv_overrides that enable these settings for a model of `arch`."""
-        return {
-            sparsek_key(arch, KEY_ENABLE): True,
-            sparsek_key(arch, KEY_TOP_K): self.top_k,
-            sparsek_key(arch, KEY_WINDOW): self.window,
-            sparsek_key(arch, KEY_STRIDE): self.stride,
-            sparsek_key(arch, KEY_BLOCK_SIZE): self.block_size,
-            sparsek_key(arch, KEY_SINKS): self.sinks,
-            sparsek_key(arch, KEY_DENSE_LAYERS): self.dense_layers,
-        }
+        overrides: dict[str, bool | int] = {sparsek_key(arch, KEY_ENABLE): True}
+        for suffix, value in self.values().items():
+            overrides[sparsek_key(arch, suffix)] = value
+        return overrides
 
 
 # the smallest value each setting accepts
@@ -177,22 +176,10 @@ def tool_flags(setting: SparseK | None) -> list[str]:
     file says) for None, else on with exactly these settings."""
     if setting is None:
         return ["--sparsek", "off"]
-    return [
-        "--sparsek",
-        "on",
-        "--sparsek-top-k",
-        str(setting.top_k),
-        "--sparsek-window",
-        str(setting.window),
-        "--sparsek-stride",
-        str(setting.stride),
-        "--sparsek-block-size",
-        str(setting.block_size),
-        "--sparsek-sinks",
-        str(setting.sinks),
-        "--sparsek-dense-layers",
-        str(setting.dense_layers),
-    ]
+    flags = ["--sparsek", "on"]
+    for suffix, value in setting.values().items():
+        flags += ["--sparsek-" + suffix.replace("_", "-"), str(value)]
+    return flags
 
 
 def from_options(
