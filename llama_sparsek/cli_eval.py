@@ -16,7 +16,8 @@ from llama_sparsek import corpus, models
 from llama_sparsek.evaluation import EvalConfig, EvalError, label
 from llama_sparsek.sparsek import SparseK
 
-DEFAULT_GRID = "1280:256:8,1024:256:8,512:128:1"
+# the default first, then the previous default and exact keys
+DEFAULT_GRID = f"{SparseK().grid_item()},1280:256:8,512:128:1"
 DEFAULT_OUT = Path("eval-results")
 
 

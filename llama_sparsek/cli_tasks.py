@@ -11,9 +11,9 @@ from typing import TYPE_CHECKING, Annotated, cast
 import typer
 
 from llama_sparsek import corpus, models
+from llama_sparsek.sparsek import SparseK
 
 if TYPE_CHECKING:
-    from llama_sparsek.sparsek import SparseK
     from llama_sparsek.tasks import ChatModel, Outcome
 
 # room in the context for the chat template's tokens around the messages
@@ -31,7 +31,7 @@ def eval_tasks_command(
     ] = models.DEFAULT_MODEL,
     grid: Annotated[
         str, typer.Option(help="SparseK settings top_k:window[:block], comma-separated.")
-    ] = "1280:256:8",
+    ] = SparseK().grid_item(),
     task_names: Annotated[
         str,
         typer.Option("--tasks", help="Comma list of passkey, needle, needles, vartrack, words."),

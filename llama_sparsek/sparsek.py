@@ -88,6 +88,11 @@ class SparseK:
         """The settings by key suffix (`top_k`, ...): the field names are the suffixes."""
         return asdict(self)
 
+    def grid_item(self) -> str:
+        """`top_k:window:block_size`, an item of the grids of `eval` and `eval-tasks` (the other
+        settings take their defaults there)."""
+        return f"{self.top_k}:{self.window}:{self.block_size}"
+
     def kv_overrides(self, arch: str) -> dict[str, bool | int]:
         """The llama.cpp kv_overrides that enable these settings for a model of `arch`."""
         overrides: dict[str, bool | int] = {sparsek_key(arch, KEY_ENABLE): True}

@@ -3,6 +3,7 @@ greedy decoding, agreement, llama-bench parsing, the corpus pins, and a --quick 
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -15,7 +16,8 @@ import typer
 from typer.testing import CliRunner
 
 from llama_sparsek import corpus
-from llama_sparsek.cli_eval import eval_command, parse_grid, parse_ints
+from llama_sparsek.cli_eval import DEFAULT_GRID, eval_command, parse_grid, parse_ints
+from llama_sparsek.cli_tasks import eval_tasks_command
 from llama_sparsek.eval_report import depth_for
 from llama_sparsek.evaluation import (
     EvalConfig,
@@ -49,6 +51,14 @@ def _app() -> typer.Typer:
 
 
 # --------------------------------------------------------------------------- grid
+
+
+def test_grid_item_round_trips_and_the_default_grids_start_with_the_default() -> None:
+    for setting in (SparseK(), SparseK(64, 8, block_size=8), SparseK(5, 0, block_size=1)):
+        assert parse_grid(setting.grid_item()) == (setting,)
+    assert parse_grid(DEFAULT_GRID)[0] == SparseK()
+    default_tasks_grid = inspect.signature(eval_tasks_command).parameters["grid"].default
+    assert parse_grid(default_tasks_grid) == (SparseK(),)
 
 
 def test_parse_grid_reads_top_k_window_and_optional_block() -> None:
