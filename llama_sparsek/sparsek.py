@@ -80,9 +80,9 @@ class SparseK:
     dense_layers: int = 1
 
     def __post_init__(self) -> None:
-        validate(
-            self.top_k, self.window, self.stride, self.block_size, self.sinks, self.dense_layers
-        )
+        for name, value in self.values().items():
+            validate_value(name, value)
+        validate_block_size(self.top_k, self.window, self.block_size)
 
     def values(self) -> dict[str, int]:
         """The settings by key suffix (`top_k`, ...): the field names are the suffixes."""
@@ -138,38 +138,16 @@ def validate_block_size(top_k: int, window: int, block_size: int) -> None:
         )
 
 
-def validate(
-    top_k: int,
-    window: int,
-    stride: int,
-    block_size: int = 1,
-    sinks: int = 0,
-    dense_layers: int = 0,
-) -> None:
-    """Raise TypeError or ValueError unless the values are usable SparseK settings."""
-    values = {
-        KEY_TOP_K: top_k,
-        KEY_WINDOW: window,
-        KEY_STRIDE: stride,
-        KEY_BLOCK_SIZE: block_size,
-        KEY_SINKS: sinks,
-        KEY_DENSE_LAYERS: dense_layers,
-    }
-    for name, value in values.items():
-        validate_value(name, value)
-    validate_block_size(top_k, window, block_size)
-
-
 def recommended(arch: str | None = None) -> SparseK:
     """The project's recommended SparseK settings for a model architecture.
 
     This is the one place that owns the defaults: `SparseK()` and `gguf set --enable` use it,
-    and llama.cpp's `LLAMA_SPARSEK_DEFAULT_*` (patch 0016) must equal it. Chosen by measurements
+    and llama.cpp's `LLAMA_SPARSEK_DEFAULT_*` (patch 0020) must equal it. Chosen by measurements
     on SmolLM2-135M (README, "Quality across corpora"): the rule is the worst corpus, not the
     average - within 2% perplexity of dense attention on every corpus that chooses (prose,
-    Python code, reStructuredText docs; 8k context, two windows) while prefilling at least 2x
-    dense at depth 7168. SparseK only runs where it keeps less than half of the keys (here from
-    a KV cache view of 3,840 cells on), so short prompts stay dense.
+    Python code, reStructuredText docs; 8k context, two windows). SparseK only runs where it
+    keeps less than half of the keys (here from a KV cache view of 3,840 cells on), so short
+    prompts stay dense.
     """
     del arch  # one setting for every architecture until measurements say otherwise
     return SparseK()
