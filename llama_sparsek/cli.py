@@ -22,7 +22,7 @@ app.add_typer(models_app, name="models")
 
 def _add_subcommands() -> None:
     from llama_sparsek.cli_bench import bench_command
-    from llama_sparsek.cli_eval import eval_command
+    from llama_sparsek.cli_eval import eval_command, pareto_command
     from llama_sparsek.cli_generate import chat_command, generate_command
     from llama_sparsek.cli_gguf import app as gguf_app
     from llama_sparsek.cli_serve import register as register_serve
@@ -32,6 +32,7 @@ def _add_subcommands() -> None:
     app.command("chat")(chat_command)
     app.add_typer(gguf_app, name="gguf", help="Show, set and unset SparseK keys in GGUF files.")
     app.command("eval")(eval_command)
+    app.command("eval-pareto")(pareto_command)
     app.command("bench")(bench_command)
     register_serve(app)
     app.command("eval-tasks")(eval_tasks_command)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import shlex
 import sys
 from collections.abc import Sequence
@@ -172,3 +173,41 @@ def eval_command(
         raise _fail(str(e)) from None
     typer.echo(table(report))
     typer.echo("\n" + "\n".join(f"wrote {p}" for p in files.values()))
+
+
+def pareto_command(
+    results: Annotated[
+        list[Path],
+        typer.Argument(help="results.json of `eval` runs (or their --out dirs), a corpus each."),
+    ],
+    ctx: Annotated[
+        int | None, typer.Option(help="Perplexity context [the largest all runs measured].")
+    ] = None,
+    plot: Annotated[bool, typer.Option("--plot/--no-plot", help="Write the plot.")] = True,
+    out: Annotated[Path, typer.Option(help="The plot's file.")] = Path("pareto.png"),
+) -> None:
+    """Settings per corpus: perplexity increase vs keys kept, the Pareto front, the worst corpus."""
+    from llama_sparsek.eval_report import common_context, pareto_plot, pareto_table
+    from llama_sparsek.evaluation import Report
+
+    if plot and importlib.util.find_spec("matplotlib") is None:
+        raise _fail("--plot needs matplotlib: pip install 'llama-sparsek[eval]', or pass --no-plot")
+    try:
+        reports = []
+        for path in results:
+            file = path / "results.json" if path.is_dir() else path
+            try:
+                data = json.loads(file.read_text(encoding="utf-8"))
+            except json.JSONDecodeError as e:
+                raise EvalError(f"{file}: not JSON ({e})") from None
+            try:
+                reports.append(Report.from_json(data))
+            except EvalError as e:
+                raise EvalError(f"{file}: {e}") from None
+        at = ctx if ctx is not None else common_context(reports)
+        typer.echo(pareto_table(reports, at))
+        if plot:
+            pareto_plot(reports, at, out)
+            typer.echo(f"\nwrote {out}")
+    except (OSError, EvalError) as e:
+        raise _fail(str(e)) from None

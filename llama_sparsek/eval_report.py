@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 from llama_sparsek.evaluation import (
     DENSE,
@@ -17,7 +18,10 @@ from llama_sparsek.evaluation import (
     ModelResult,
     Report,
     VariantResult,
+    kept_share,
+    label,
 )
+from llama_sparsek.sparsek import SparseK
 
 
 def speed_up(model: ModelResult, variant: VariantResult, test: str, depth: int) -> float | None:
@@ -117,6 +121,112 @@ def plot(report: Report, path: Path) -> None:
     plt.close(fig)
 
 
+# --------------------------------------------------------------------------- Pareto front
+
+
+def common_context(reports: Sequence[Report]) -> int:
+    """The largest perplexity context that every report measured."""
+    shared = set.intersection(*(set(r.config.contexts) for r in reports)) if reports else set()
+    if not shared:
+        raise EvalError("the reports share no perplexity context")
+    return max(shared)
+
+
+class ParetoPoint(NamedTuple):
+    model: str
+    setting: str
+    kept: float  # keys kept per scored token, % of those it sees
+    increase: float  # perplexity increase vs dense, %
+    front: bool  # no other setting of the model is as good on both and better on one
+
+
+def _dominated(p: tuple[float, float], others: Sequence[tuple[float, float]]) -> bool:
+    return any(o[0] <= p[0] and o[1] <= p[1] and o != p for o in others)
+
+
+def pareto_points(report: Report, ctx: int) -> list[ParetoPoint]:
+    """Every SparseK setting measured at ctx, model by model, with its place on the front."""
+    out = []
+    for m in report.models:
+        measured = []
+        for v in m.variants[1:]:
+            inc = ppl_increase(m, v, ctx)
+            if v.setting is not None and inc is not None:
+                kept = 100.0 * kept_share(v.setting, ctx, report.config.n_batch)
+                measured.append((v.label, (kept, inc)))
+        pairs = [xy for _, xy in measured]
+        out += [ParetoPoint(m.model, n, *xy, not _dominated(xy, pairs)) for n, xy in measured]
+    return out
+
+
+def pareto_table(reports: Sequence[Report], ctx: int) -> str:
+    """Perplexity increase of every setting on every corpus (a report each), then the worst
+    corpus (where all of them measured it); * marks the settings on a corpus's Pareto front."""
+    columns = [r.corpus for r in reports]
+    rows: dict[tuple[str, str], dict[str, tuple[float, float, bool]]] = {}
+    for r in reports:
+        for p in pareto_points(r, ctx):
+            rows.setdefault((p.model, p.setting), {})[r.corpus] = (p.kept, p.increase, p.front)
+    head = ["model", "setting", f"keys kept @{ctx}", *columns, "worst"]
+    lines = [head, ["---"] * len(head)]
+    for (model, name), cells in rows.items():
+        share = next(iter(cells.values()))[0]
+        row = [model, name, f"{share:.1f}%"]
+        for c in columns:
+            got = cells.get(c)
+            row.append("-" if got is None else f"{got[1]:+.2f}%" + ("*" if got[2] else ""))
+        worst = max(v[1] for v in cells.values())
+        row.append(f"{worst:+.2f}%" if len(cells) == len(columns) else "-")
+        lines.append(row)
+    return "\n".join("| " + " | ".join(r) + " |" for r in lines)
+
+
+def pareto_plot(reports: Sequence[Report], ctx: int, path: Path) -> None:
+    """A panel per corpus: perplexity increase vs keys kept for every setting and model, the
+    Pareto front joined, the default ringed, the 2% target dashed."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise EvalError("the plot needs matplotlib (pip install matplotlib) or --no-plot") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    default = label(SparseK())
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    cols = min(3, len(reports))
+    rows = -(-len(reports) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 4 * rows), squeeze=False)
+    for ax, report in zip(axes.flat, reports, strict=False):
+        models = list(dict.fromkeys(m.model for m in report.models))
+        for color, model in zip(colors, models, strict=False):
+            points = [p for p in pareto_points(report, ctx) if p.model == model]
+            ax.scatter([p.kept for p in points], [p.increase for p in points], color=color, s=18)
+            front = sorted((p.kept, p.increase) for p in points if p.front)
+            ax.plot(*zip(*front, strict=True), color=color, linewidth=1, label=model)
+            for p in points:
+                ax.annotate(
+                    p.setting,
+                    (p.kept, p.increase),
+                    fontsize=6,
+                    xytext=(3, 3),
+                    textcoords="offset points",
+                )
+                if p.setting == default:
+                    ax.scatter([p.kept], [p.increase], s=120, facecolors="none", edgecolors=color)
+        ax.axhline(2.0, color="grey", linestyle="--", linewidth=0.8)
+        ax.axhline(0.0, color="grey", linewidth=0.5)
+        ax.set_title(f"{report.corpus} (ctx {ctx})", fontsize=10)
+        ax.set_xlabel("keys kept per scored token (% of those it sees)")
+        ax.set_ylabel("perplexity increase vs dense (%)")
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(reports) :]:
+        ax.axis("off")
+    fig.suptitle("SparseK settings per corpus: the line is the Pareto front, the ring the default")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def write(report: Report, out: Path, *, png: bool = True) -> dict[str, Path]:
     """results.json, results.md (the table) and, with png, results.png into `out`."""
     out.mkdir(parents=True, exist_ok=True)
@@ -129,4 +239,16 @@ def write(report: Report, out: Path, *, png: bool = True) -> dict[str, Path]:
     return files
 
 
-__all__ = ["depth_for", "plot", "ppl_increase", "speed_up", "table", "write"]
+__all__ = [
+    "ParetoPoint",
+    "common_context",
+    "depth_for",
+    "pareto_plot",
+    "pareto_points",
+    "pareto_table",
+    "plot",
+    "ppl_increase",
+    "speed_up",
+    "table",
+    "write",
+]

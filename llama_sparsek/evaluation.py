@@ -61,13 +61,30 @@ def kv_view(n_tokens: int) -> int:
     return max(KV_PAD, -(-n_tokens // KV_PAD) * KV_PAD)
 
 
+def kept_keys(setting: SparseK, n_kv: int) -> int:
+    """At most how many of n_kv keys a query keeps: top_k + window + the strided keys + the
+    sinks (llama.cpp's n_kv_max hint)."""
+    strided = -(-n_kv // setting.stride) if setting.stride > 0 else 0
+    return min(n_kv, setting.top_k + min(n_kv, setting.window + strided + setting.sinks))
+
+
 def sparsek_applies(setting: SparseK, n_kv: int) -> bool:
     """Whether llama.cpp runs SparseK over a KV view of n_kv cells: only where the mask keeps
-    less than half of the keys (top_k + window + the strided keys + the sinks), else the graph
-    is dense."""
-    strided = -(-n_kv // setting.stride) if setting.stride > 0 else 0
-    kept = min(n_kv, setting.top_k + min(n_kv, setting.window + strided + setting.sinks))
-    return 2 * kept < n_kv
+    less than half of the keys, else the graph is dense."""
+    return 2 * kept_keys(setting, n_kv) < n_kv
+
+
+def kept_share(setting: SparseK, ctx: int, n_batch: int) -> float:
+    """The keys a scored token of a perplexity window attends to in a SparseK layer, as a share
+    of the keys it sees (mean over the scored second half of a window of ctx tokens evaluated
+    n_batch at a time; an upper bound where the forced keys overlap)."""
+    shares = []
+    for pos in range(ctx // 2, ctx):
+        seen = pos + 1
+        n_kv = kv_view(min(ctx, (pos // n_batch + 1) * n_batch))
+        kept = kept_keys(setting, seen) if sparsek_applies(setting, n_kv) else seen
+        shares.append(kept / seen)
+    return sum(shares) / len(shares)
 
 
 # --------------------------------------------------------------------------- configuration
@@ -195,6 +212,48 @@ class Report:
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Report:
+        """The report that `to_json` wrote (an eval's results.json), e.g. to plot several runs
+        together; EvalError if `data` is not one."""
+        try:
+            config: dict[str, Any] = {
+                k: tuple(v) if isinstance(v, list) else v for k, v in data["config"].items()
+            }
+            models = [
+                ModelResult(
+                    m["model"],
+                    m["path"],
+                    m["arch"],
+                    m["text_tokens"],
+                    [_variant_from_json(v) for v in m["variants"]],
+                )
+                for m in data["models"]
+            ]
+            return cls(
+                EvalConfig(**config),
+                data["corpus"],
+                models,
+                data.get("command", ""),
+                data.get("created", ""),
+                data.get("build", {}),
+                data.get("notes", []),
+            )
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise EvalError(f"not the results.json of an eval: {type(e).__name__} {e}") from None
+
+
+def _variant_from_json(v: dict[str, Any]) -> VariantResult:
+    # reports older than the sinks and dense layers ran without them
+    setting = v["setting"]
+    return VariantResult(
+        v["label"],
+        None if setting is None else SparseK(**({"sinks": 0, "dense_layers": 0} | setting)),
+        [Perplexity(**p) for p in v["perplexity"]],
+        None if v["agreement"] is None else Agreement(**v["agreement"]),
+        [Speed(**s) for s in v["speed"]],
+    )
 
 
 # --------------------------------------------------------------------------- perplexity
@@ -508,6 +567,8 @@ __all__ = [
     "bench",
     "evaluate",
     "greedy",
+    "kept_keys",
+    "kept_share",
     "kv_view",
     "label",
     "parse_bench",

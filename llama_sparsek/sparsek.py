@@ -145,7 +145,10 @@ def recommended(arch: str | None = None) -> SparseK:
     and llama.cpp's `LLAMA_SPARSEK_DEFAULT_*` (patch 0020) must equal it. Chosen by measurements
     on SmolLM2-135M (README, "Quality across corpora"): the rule is the worst corpus, not the
     average - within 2% perplexity of dense attention on every corpus that chooses (prose,
-    Python code, reStructuredText docs; 8k context, two windows). SparseK only runs where it
+    verse, Python code, reStructuredText docs; 8k context, two windows), confirmed on one kept
+    aside (a play), and on every corpus's Pareto front (`llama-sparsek eval-pareto`). It does
+    not grow with the context: from 16k on pass about a tenth of the context as top_k (the 32k
+    needle needs it, README "Retrieval and aggregation"). SparseK only runs where it
     keeps less than half of the keys (here from a KV cache view of 3,840 cells on), so short
     prompts stay dense.
     """

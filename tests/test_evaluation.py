@@ -16,19 +16,28 @@ import typer
 from typer.testing import CliRunner
 
 from llama_sparsek import corpus
-from llama_sparsek.cli_eval import DEFAULT_GRID, eval_command, parse_grid, parse_ints
+from llama_sparsek.cli_eval import (
+    DEFAULT_GRID,
+    eval_command,
+    pareto_command,
+    parse_grid,
+    parse_ints,
+)
 from llama_sparsek.cli_tasks import eval_tasks_command
-from llama_sparsek.eval_report import depth_for
+from llama_sparsek.eval_report import depth_for, pareto_points
 from llama_sparsek.evaluation import (
+    Agreement,
     EvalConfig,
     EvalError,
     ModelResult,
     Perplexity,
     Report,
+    Speed,
     VariantResult,
     _notes,
     agreement,
     greedy,
+    kept_share,
     kv_view,
     label,
     parse_bench,
@@ -46,6 +55,7 @@ TEXT = " ".join(["the cat and the dog sat in the sun, and it is the end of it."]
 def _app() -> typer.Typer:
     app = typer.Typer()
     app.command("eval")(eval_command)
+    app.command("eval-pareto")(pareto_command)
     app.command("other")(lambda: None)  # two commands: `eval` stays a subcommand
     return app
 
@@ -252,6 +262,87 @@ def test_sparsek_runs_exactly_where_sparsek_applies_says(tiny_model: Path) -> No
             got[name] = [perplexity(llm, tokens, c, limit=1).nll for c in (256, 512)]
     assert got["sparse"][0] == got[None][0]
     assert got["sparse"][1] != got[None][1]
+
+
+def test_kept_share_is_the_mean_share_over_the_scored_half() -> None:
+    # 64 + 32 keys kept: SparseK runs in every ubatch of the scored half (views of 576+ cells)
+    setting = SparseK(64, 32, dense_layers=0)
+    seen = np.arange(512, 1024) + 1
+    assert kept_share(setting, 1024, 64) == pytest.approx(float(np.mean(96 / seen)))
+    # where a ubatch's view (768 cells) would keep half of its keys, its rows keep them all
+    assert kept_share(SparseK(448, 64, dense_layers=0), 1024, 64) == 1.0  # 512 of 1024
+    mixed = SparseK(352, 32, dense_layers=0)  # 384 kept: dense in views of 768, sparse in 1024
+    want = (256 + float(np.sum(384 / (np.arange(768, 1024) + 1)))) / 512
+    assert kept_share(mixed, 1024, 64) == pytest.approx(want)
+
+
+def _grid_report(corpus_name: str, increases: dict[SparseK, float]) -> Report:
+    """One model at ctx 8192: dense perplexity 10, each setting `increases` % above it."""
+    dense = VariantResult("dense", None, [Perplexity(8192, 10.0, math.log(10.0), 4096, 2)])
+    variants = [dense]
+    for setting, inc in increases.items():
+        ppl = 10.0 * (1 + inc / 100)
+        variants.append(
+            VariantResult(label(setting), setting, [Perplexity(8192, ppl, math.log(ppl), 4096, 2)])
+        )
+    model = ModelResult("m", "m.gguf", "llama", 50_000, variants)
+    return Report(EvalConfig(contexts=(8192,), speed=False), corpus_name, [model])
+
+
+SMALL, MID, LARGE = SparseK(1024, 256), SparseK(1536, 256), SparseK(3072, 256)
+
+
+def test_pareto_front_keeps_the_settings_nothing_beats_on_both() -> None:
+    # MID keeps more keys than SMALL but loses less; LARGE keeps more than MID and loses more
+    points = pareto_points(_grid_report("code", {SMALL: 3.0, MID: 1.0, LARGE: 1.5}), 8192)
+    assert [(p.setting, p.front) for p in points] == [
+        (label(SMALL), True),
+        (label(MID), True),
+        (label(LARGE), False),
+    ]
+    assert points[0].kept < points[1].kept < points[2].kept
+    assert points[1].increase == pytest.approx(1.0)
+
+
+def test_report_round_trips_through_its_json() -> None:
+    report = _grid_report("code", {SMALL: 3.0, MID: 1.0})
+    report.models[0].variants[1].agreement = Agreement(50.0, 75.0, [3, 5], 16)
+    report.models[0].variants[1].speed = [Speed("pp512", 7168, 300.0, 2.0)]
+    report.notes.append("a note")
+    again = Report.from_json(json.loads(json.dumps(report.to_json())))
+    assert again == report
+    # a report from before the sinks and the dense layers ran with neither
+    old = report.to_json()
+    for v in old["models"][0]["variants"][1:]:
+        del v["setting"]["sinks"], v["setting"]["dense_layers"]
+    assert Report.from_json(old).models[0].variants[1].setting == SparseK(1024, 256, dense_layers=0)
+    with pytest.raises(EvalError, match=r"not the results\.json"):
+        Report.from_json({"config": {}, "models": []})
+
+
+def test_eval_pareto_tables_every_corpus_and_the_worst(tmp_path: Path) -> None:
+    runs = []
+    for name, incs in (("code", {SMALL: 3.0, MID: 1.0}), ("prose", {SMALL: 0.5, MID: 1.5})):
+        out = tmp_path / name
+        out.mkdir()
+        (out / "results.json").write_text(json.dumps(_grid_report(name, incs).to_json()))
+        runs.append(str(out))
+    png = tmp_path / "pareto.png"
+    result = CliRunner().invoke(_app(), ["eval-pareto", *runs, "--out", str(png)])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert "| model | setting | keys kept @8192 | code | prose | worst |" in lines
+    small = next(line for line in lines if f"| {label(SMALL)} |" in line)
+    assert small.endswith("| +3.00%* | +0.50%* | +3.00% |")
+    mid = next(line for line in lines if f"| {label(MID)} |" in line)
+    assert mid.endswith("| +1.00%* | +1.50% | +1.50% |")  # prose: SMALL keeps less, loses less
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    bad = tmp_path / "bad.json"
+    bad.write_text("[]")
+    result = CliRunner().invoke(_app(), ["eval-pareto", runs[0], str(bad), "--no-plot"])
+    assert result.exit_code == 2 and "bad.json" in result.output
+    result = CliRunner().invoke(_app(), ["eval-pareto", runs[0], "--ctx", "4096", "--no-plot"])
+    assert result.exit_code == 0 and "| m |" not in result.output  # nothing measured at 4096
 
 
 # --------------------------------------------------------------------------- llama-bench
