@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from llama_sparsek.evaluation import (
     DENSE,
@@ -80,15 +80,22 @@ def depth_for(ctx: int, depths: Sequence[int], tokens: int) -> int:
     return max(fitting) if fitting else min(depths)
 
 
-def plot(report: Report, path: Path) -> None:
-    """Speed-up vs perplexity increase: one curve per setting through its contexts, one panel
-    for prefill and one for decode; dense is the point (0 %, 1x)."""
+def _pyplot() -> Any:
+    """matplotlib.pyplot on the file-only backend (imported here: the rest needs no matplotlib)."""
     try:
         import matplotlib
     except ImportError:
         raise EvalError("the plot needs matplotlib (pip install matplotlib) or --no-plot") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot(report: Report, path: Path) -> None:
+    """Speed-up vs perplexity increase: one curve per setting through its contexts, one panel
+    for prefill and one for decode; dense is the point (0 %, 1x)."""
+    plt = _pyplot()
 
     cfg = report.config
     panels = [(f"pp{cfg.pp_tokens}", cfg.pp_tokens), (f"tg{cfg.tg_tokens}", cfg.tg_tokens)]
@@ -184,12 +191,7 @@ def pareto_table(reports: Sequence[Report], ctx: int) -> str:
 def pareto_plot(reports: Sequence[Report], ctx: int, path: Path) -> None:
     """A panel per corpus: perplexity increase vs keys kept for every setting and model, the
     Pareto front joined, the default ringed, the 2% target dashed."""
-    try:
-        import matplotlib
-    except ImportError:
-        raise EvalError("the plot needs matplotlib (pip install matplotlib) or --no-plot") from None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     default = label(SparseK())
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
