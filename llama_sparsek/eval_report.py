@@ -159,7 +159,7 @@ def pareto_points(report: Report, ctx: int) -> list[ParetoPoint]:
         for v in m.variants[1:]:
             inc = ppl_increase(m, v, ctx)
             if v.setting is not None and inc is not None:
-                kept = 100.0 * kept_share(v.setting, ctx, report.config.n_batch)
+                kept = 100.0 * kept_share(v.setting, ctx)
                 measured.append((v.label, (kept, inc)))
         pairs = [xy for _, xy in measured]
         out += [ParetoPoint(m.model, n, *xy, not _dominated(xy, pairs)) for n, xy in measured]

@@ -52,37 +52,27 @@ def label(setting: SparseK | None) -> str:
     return f"k{setting.top_k}/w{setting.window}/b{setting.block_size}{stride}"
 
 
-# llama.cpp pads the KV cache and the view of it a graph attends over to multiples of this
-KV_PAD = 256
+def kept_keys(setting: SparseK, n_keys: int) -> int:
+    """At most how many of n_keys keys a query keeps: top_k + window + the strided keys + the
+    sinks, or top_k + its first key without any of these (llama.cpp's n_kv_max hint)."""
+    strided = -(-n_keys // setting.stride) if setting.stride > 0 else 0
+    forced = max(1, setting.window + strided + setting.sinks)
+    return min(n_keys, setting.top_k + min(n_keys, forced))
 
 
-def kv_view(n_tokens: int) -> int:
-    """The KV cache view (n_kv) of a graph once the cache holds n_tokens cells."""
-    return max(KV_PAD, -(-n_tokens // KV_PAD) * KV_PAD)
+def sparsek_applies(setting: SparseK, n_keys: int) -> bool:
+    """Whether a query that sees n_keys keys drops some: only where it would keep less than half
+    of them (per query: its ubatch and the other queries in it play no part)."""
+    return 2 * kept_keys(setting, n_keys) < n_keys
 
 
-def kept_keys(setting: SparseK, n_kv: int) -> int:
-    """At most how many of n_kv keys a query keeps: top_k + window + the strided keys + the
-    sinks (llama.cpp's n_kv_max hint)."""
-    strided = -(-n_kv // setting.stride) if setting.stride > 0 else 0
-    return min(n_kv, setting.top_k + min(n_kv, setting.window + strided + setting.sinks))
-
-
-def sparsek_applies(setting: SparseK, n_kv: int) -> bool:
-    """Whether llama.cpp runs SparseK over a KV view of n_kv cells: only where the mask keeps
-    less than half of the keys, else the graph is dense."""
-    return 2 * kept_keys(setting, n_kv) < n_kv
-
-
-def kept_share(setting: SparseK, ctx: int, n_batch: int) -> float:
+def kept_share(setting: SparseK, ctx: int) -> float:
     """The keys a scored token of a perplexity window attends to in a SparseK layer, as a share
-    of the keys it sees (mean over the scored second half of a window of ctx tokens evaluated
-    n_batch at a time; an upper bound where the forced keys overlap)."""
+    of the keys it sees (mean over the scored second half of a window of ctx tokens; an upper
+    bound where the forced keys overlap)."""
     shares = []
-    for pos in range(ctx // 2, ctx):
-        seen = pos + 1
-        n_kv = kv_view(min(ctx, (pos // n_batch + 1) * n_batch))
-        kept = kept_keys(setting, seen) if sparsek_applies(setting, n_kv) else seen
+    for seen in range(ctx // 2 + 1, ctx + 1):
+        kept = kept_keys(setting, seen) if sparsek_applies(setting, seen) else seen
         shares.append(kept / seen)
     return sum(shares) / len(shares)
 
@@ -521,10 +511,10 @@ def _build_info() -> dict[str, Any]:
 def _notes(report: Report) -> Iterator[str]:
     """Warnings a reader must see next to the numbers.
 
-    A setting runs dense by design at a context whose KV view it would keep half of or more
-    (`sparsek_applies`): its perplexity there is the dense one, which says nothing about the
-    build. Only where SparseK should have dropped keys does the dense perplexity mean that the
-    build does not apply it.
+    A setting runs dense by design at a context whose keys it would keep half of or more, for
+    every query of the window (`sparsek_applies`): its perplexity there is the dense one, which
+    says nothing about the build. Only where SparseK should have dropped keys does the dense
+    perplexity mean that the build does not apply it.
     """
     for m in report.models:
         idle: list[str] = []  # label@ctx that ran dense by design
@@ -534,7 +524,7 @@ def _notes(report: Report) -> Iterator[str]:
                 continue
             off = []
             for p in v.perplexity:
-                if sparsek_applies(v.setting, kv_view(p.ctx)):
+                if sparsek_applies(v.setting, p.ctx):
                     active.append((p, m.dense.ppl_at(p.ctx)))
                 else:
                     off.append(str(p.ctx))
@@ -569,7 +559,6 @@ __all__ = [
     "greedy",
     "kept_keys",
     "kept_share",
-    "kv_view",
     "label",
     "parse_bench",
     "perplexity",

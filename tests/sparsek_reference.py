@@ -22,10 +22,10 @@ Semantics. For the query token at position p the kept keys are the keys its base
   depends only on its query and the keys, not on how many tokens its ubatch holds.
 
 Forced (window/stride) keys are counted per row in cell order and capped at
-``n_forced_max = min(n_kv, window + ceil(n_kv/stride))`` (``window`` if stride == 0); the cap only
-binds with position gaps or repeated positions in a sequence and keeps the flash-attention
-``n_kv_max`` hint (``min(n_kv, top_k + n_forced_max)``) a true bound. Keys past the cap are
-ordinary top-k candidates.
+``n_forced_max = min(n_kv, max(1, window + ceil(n_kv/stride)))`` (no strided term if stride == 0);
+the cap only binds with position gaps or repeated positions in a sequence and keeps the
+flash-attention ``n_kv_max`` hint (``min(n_kv, top_k + n_forced_max)``) a true bound. Keys past
+the cap are ordinary top-k candidates.
 
 The score of key j for query token i is shared by all heads:
 
@@ -33,16 +33,18 @@ The score of key j for query token i is shared by all heads:
 
 computed in the graph as (group-summed q) . k, one mat mul over head_dim*n_head_kv.
 
-SparseK is skipped (the base mask is returned unchanged) when the mask may keep half of the keys or
-more (2 * n_kv_max >= n_kv, ``uses_sparsek``); n_kv is the
-width of the graph's KV view (padded to a multiple of 256 by llama.cpp), so pass the whole
-captured mask / cache view, not just the used cells.
+A row drops keys only if it could keep less than half of the keys its base mask allows
+(``uses_sparsek(n_allowed, ...)``, per row since patch 0033); any other row keeps its base mask
+row, also in a ubatch whose other rows drop keys. The forced cap and the blocks follow the width
+of the graph's KV view (padded to a multiple of 256 by llama.cpp), so pass the whole captured
+mask / cache view, not just the used cells.
 
 The returned mask is ``base_mask`` where kept and -inf elsewhere (float32), so a kept key keeps its
 base value (0, or the ALiBi bias).
 
-A row without any forced key keeps its first allowed key when forced keys are possible at all
-(window or stride > 0): llama.cpp pads each row's list of forced cells with a kept cell.
+A row without any forced key keeps its first allowed key: llama.cpp pads each row's list of
+forced cells with a kept cell (since patch 0033 also with neither window nor stride, as the tokens
+that keep all of their keys need the list).
 
 Ties. The graph selects with ggml_top_k (CPU: std::partial_sort, no defined order among equal
 scores); this reference breaks ties by the lower cell index. Besides exact ties, the graph's scores
@@ -78,7 +80,7 @@ import numpy as np
 
 def n_forced_max(n_kv: int, window: int, stride: int) -> int:
     n_strided = (n_kv + stride - 1) // stride if stride > 0 else 0
-    return min(n_kv, window + n_strided)
+    return min(n_kv, max(1, window + n_strided))
 
 
 def n_kv_max(n_kv: int, top_k: int, window: int, stride: int) -> int:
@@ -86,11 +88,11 @@ def n_kv_max(n_kv: int, top_k: int, window: int, stride: int) -> int:
     return min(n_kv, top_k + n_forced_max(n_kv, window, stride))
 
 
-def uses_sparsek(n_kv: int, top_k: int, window: int, stride: int) -> bool:
-    """False where llama.cpp keeps the base mask: the mask could keep half of the keys or more.
+def uses_sparsek(n_allowed: int, top_k: int, window: int, stride: int) -> bool:
+    """False where llama.cpp keeps a row's base mask: it could keep half of its keys or more.
 
     This also leaves more blocks than selected ones (top_k is a multiple of the block size)."""
-    return 2 * n_kv_max(n_kv, top_k, window, stride) < n_kv
+    return 2 * n_kv_max(n_allowed, top_k, window, stride) < n_allowed
 
 
 def sparsek_forced(
@@ -102,8 +104,8 @@ def sparsek_forced(
 ) -> np.ndarray:
     """Boolean (n_tokens, n_kv): the window/stride keys each query keeps (within its base mask).
 
-    A row with no such key keeps its first allowed key, unless there can be none at all
-    (window and stride 0): llama.cpp pads every row of its forced-key list with a kept key.
+    A row with no such key keeps its first allowed key: llama.cpp pads every row of its forced-key
+    list with a kept key.
     """
     allowed = np.isfinite(base_mask)
     p1 = np.asarray(positions_q, dtype=np.int64)[:, None]
@@ -116,9 +118,8 @@ def sparsek_forced(
     cap = n_forced_max(base_mask.shape[1], window, stride)
     over = np.cumsum(forced, axis=1) > cap
     res: np.ndarray = forced & ~over
-    if cap > 0:
-        empty = ~res.any(axis=1) & allowed.any(axis=1)
-        res[empty, np.argmax(allowed[empty], axis=1)] = True
+    empty = ~res.any(axis=1) & allowed.any(axis=1)
+    res[empty, np.argmax(allowed[empty], axis=1)] = True
     return res
 
 
@@ -209,7 +210,9 @@ def sparsek_mask(
     if top_k <= 0 or block_size <= 0 or top_k % block_size != 0:
         raise ValueError("top_k must be > 0 and a multiple of block_size")
 
-    if not uses_sparsek(n_kv, top_k, window, stride):
+    allowed = np.isfinite(base_mask).sum(axis=1)
+    sparse = np.array([uses_sparsek(int(n), top_k, window, stride) for n in allowed], dtype=bool)
+    if not sparse.any():
         return base_mask.copy()
 
     forced = sparsek_forced(base_mask, positions_q, positions_k, window, stride)
@@ -226,6 +229,7 @@ def sparsek_mask(
     kept = forced.copy()
     n_blk = cand.shape[1]
     kept[:, : n_blk * block_size] |= np.repeat(picked, block_size, axis=1)
+    kept[~sparse] = True
     return np.where(kept, base_mask, np.float32(-np.inf)).astype(np.float32)
 
 

@@ -38,7 +38,6 @@ from llama_sparsek.evaluation import (
     agreement,
     greedy,
     kept_share,
-    kv_view,
     label,
     parse_bench,
     perplexity,
@@ -204,22 +203,18 @@ def test_greedy_is_the_argmax_of_a_full_eval(tiny_llm: Llama) -> None:
 # --------------------------------------------------------------------------- the notes
 
 
-def test_kv_view_is_padded_to_256_cells() -> None:
-    assert [kv_view(n) for n in (1, 256, 257, 2048, 3073)] == [256, 256, 512, 2048, 3328]
-
-
 def test_sparsek_applies_where_the_reference_says() -> None:
-    # SparseK() keeps 1536 + 256 keys: dense up to a view of 3584 cells, sparse from 3840 on
-    assert not sparsek_applies(SparseK(), kv_view(3584))
-    assert sparsek_applies(SparseK(), kv_view(3585))
+    # SparseK() keeps 1536 + 256 keys: a query that sees up to 3584 keeps them all
+    assert not sparsek_applies(SparseK(), 3584)
+    assert sparsek_applies(SparseK(), 3585)
     # sinks are forced keys too: 64 + 32 + 32 kept, so 256 cells are dense and 512 sparse
     assert not sparsek_applies(SparseK(64, 32, sinks=32, dense_layers=0), 256)
     assert sparsek_applies(SparseK(64, 32, sinks=32, dense_layers=0), 512)
     assert not sparsek_applies(SparseK(64, 32, sinks=160, dense_layers=0), 512)
     for setting in (SparseK(64, 32), SparseK(96, 16, 40), SparseK(128, 64, 3, 8)):
-        for n_kv in range(256, 4097, 256):
-            want = ref.uses_sparsek(n_kv, setting.top_k, setting.window, setting.stride)
-            assert sparsek_applies(setting, n_kv) == want, (setting, n_kv)
+        for n_keys in range(1, 4097):
+            want = ref.uses_sparsek(n_keys, setting.top_k, setting.window, setting.stride)
+            assert sparsek_applies(setting, n_keys) == want, (setting, n_keys)
 
 
 def _report(sparse_ppl: dict[int, float], setting: SparseK) -> Report:
@@ -253,7 +248,7 @@ def test_notes_blame_the_build_only_where_sparsek_should_have_run() -> None:
 def test_sparsek_runs_exactly_where_sparsek_applies_says(tiny_model: Path) -> None:
     """The rule mirrors llama.cpp: dense perplexity where it says off, another one where on."""
     setting = SparseK(top_k=64, window=64, block_size=1)  # keeps 128 keys
-    assert not sparsek_applies(setting, kv_view(256)) and sparsek_applies(setting, kv_view(512))
+    assert not sparsek_applies(setting, 256) and sparsek_applies(setting, 512)
     tokens: list[int] = []
     got: dict[str | None, list[float]] = {}
     for name, sparsek in ((None, False), ("sparse", setting)):
@@ -265,15 +260,15 @@ def test_sparsek_runs_exactly_where_sparsek_applies_says(tiny_model: Path) -> No
 
 
 def test_kept_share_is_the_mean_share_over_the_scored_half() -> None:
-    # 64 + 32 keys kept: SparseK runs in every ubatch of the scored half (views of 576+ cells)
+    # 64 + 32 keys kept: every query of the scored half (513+ keys) drops keys
     setting = SparseK(64, 32, dense_layers=0)
     seen = np.arange(512, 1024) + 1
-    assert kept_share(setting, 1024, 64) == pytest.approx(float(np.mean(96 / seen)))
-    # where a ubatch's view (768 cells) would keep half of its keys, its rows keep them all
-    assert kept_share(SparseK(448, 64, dense_layers=0), 1024, 64) == 1.0  # 512 of 1024
-    mixed = SparseK(352, 32, dense_layers=0)  # 384 kept: dense in views of 768, sparse in 1024
+    assert kept_share(setting, 1024) == pytest.approx(float(np.mean(96 / seen)))
+    # a query that would keep half of its keys keeps them all
+    assert kept_share(SparseK(448, 64, dense_layers=0), 1024) == 1.0  # 512 of up to 1024
+    mixed = SparseK(352, 32, dense_layers=0)  # 384 kept: queries that see up to 768 keep all
     want = (256 + float(np.sum(384 / (np.arange(768, 1024) + 1)))) / 512
-    assert kept_share(mixed, 1024, 64) == pytest.approx(want)
+    assert kept_share(mixed, 1024) == pytest.approx(want)
 
 
 def _grid_report(corpus_name: str, increases: dict[SparseK, float]) -> Report:

@@ -57,7 +57,7 @@ def test_top_k_only():
     k = one_hot_keys(n_kv)
     k[2, 0, 0] = 100.0  # key 2 scores best
     m = sparsek_mask(q, k, base, np.array([7]), np.arange(n_kv), top_k=2, window=0, stride=0)
-    assert kept(m, 0) == [2, 7]
+    assert kept(m, 0) == [0, 2, 7]  # the first key stands in for the forced ones
 
 
 def test_negative_scores_and_head_sharing():
@@ -71,7 +71,7 @@ def test_negative_scores_and_head_sharing():
     k[:, 0, 0] = [5, -1, 0, 0, 0, 0]
     k[:, 0, 1] = [-6, 3, 0, 0, 0, 0]  # key 0: 5 - 6 = -1, key 1: -1 + 3 = 2, others 0
     m = sparsek_mask(q, k, base, np.array([5]), np.arange(n_kv), top_k=1, window=0, stride=0)
-    assert kept(m, 0) == [1]
+    assert kept(m, 0) == [0, 1]  # key 0 as the first key, key 1 as the best of the others
 
 
 def test_window_and_top_k_union():
@@ -106,22 +106,23 @@ def test_stride_keys():
 
 
 def test_base_mask_is_never_unmasked():
-    # two sequences in one stream: cells 0..7 belong to seq A, 8..15 to seq B (positions 0..7 each),
-    # cells 16..31 are empty (so that the mask keeps less than half of the cells and SparseK runs)
-    n_kv = 32
-    pk = np.concatenate([np.arange(8), np.arange(8), np.arange(16)])
+    # two sequences in one stream: cells 0..23 belong to seq A, 24..47 to seq B (positions 0..23
+    # each), cells 48..63 are empty; each token sees 24 keys, of which it keeps at most 7
+    n_kv = 64
+    pk = np.concatenate([np.arange(24), np.arange(24), np.arange(16)])
     base = np.full((2, n_kv), NEG, dtype=np.float32)
-    base[0, :8] = 0.0  # token of seq A at position 7
-    base[1, 8:16] = 0.0  # token of seq B at position 7
-    pq = np.array([7, 7])
+    base[0, :24] = 0.0  # token of seq A at position 23
+    base[1, 24:48] = 0.0  # token of seq B at position 23
+    pq = np.array([23, 23])
     q = np.zeros((2, 1, 4), dtype=np.float32)
     q[:, 0, 0] = 1.0
     k = one_hot_keys(n_kv)  # seq B's keys score higher than all of seq A's
-    m = sparsek_mask(q, k, base, pq, pk, top_k=3, window=1, stride=4)
-    # strided positions 0, 4, window position 7, top 3 of the rest by score
-    assert kept(m, 0) == [0, 3, 4, 5, 6, 7]
-    assert kept(m, 1) == [8, 11, 12, 13, 14, 15]
-    assert np.all(np.isneginf(m[0, 8:])) and np.all(np.isneginf(m[1, :8]))
+    assert uses_sparsek(24, 3, 1, 8)
+    m = sparsek_mask(q, k, base, pq, pk, top_k=3, window=1, stride=8)
+    # strided positions 0, 8, 16, window position 23, top 3 of the rest by score
+    assert kept(m, 0) == [0, 8, 16, 20, 21, 22, 23]
+    assert kept(m, 1) == [24, 32, 40, 44, 45, 46, 47]
+    assert np.all(np.isneginf(m[0, 24:])) and np.all(np.isneginf(m[1, :24]))
 
 
 def test_fewer_candidates_than_top_k():
@@ -190,6 +191,16 @@ def test_forced_cap_with_position_gaps():
     assert len(kept(m, 0)) <= n_kv_max(n_kv, 2, 1, 4)
 
 
+def _check_rows(m: np.ndarray, base: np.ndarray, top_k: int, window: int, stride: int) -> None:
+    """A row that would keep half of its keys or more is its base row; the others keep at most
+    the n_kv_max hint of the view."""
+    for row, base_row in zip(m, base, strict=True):
+        if uses_sparsek(int(np.isfinite(base_row).sum()), top_k, window, stride):
+            assert np.isfinite(row).sum() <= n_kv_max(len(row), top_k, window, stride)
+        else:
+            np.testing.assert_array_equal(row, base_row)
+
+
 def test_n_kv_max_bounds_random_masks():
     rng = np.random.default_rng(1)
     for _ in range(20):
@@ -200,12 +211,7 @@ def test_n_kv_max_bounds_random_masks():
         q = rng.standard_normal((n_tokens, 4, 8)).astype(np.float32)
         k = rng.standard_normal((n_kv, 2, 8)).astype(np.float32)
         m = sparsek_mask(q, k, base, pq, pk, int(top_k), int(window), int(stride))
-        if not uses_sparsek(n_kv, int(top_k), int(window), int(stride)):
-            np.testing.assert_array_equal(m, base)
-            continue
-        assert np.all(
-            np.isfinite(m).sum(axis=1) <= n_kv_max(n_kv, int(top_k), int(window), int(stride))
-        )
+        _check_rows(m, base, int(top_k), int(window), int(stride))
         # never more than the base allows, and every row with an allowed key keeps one
         assert not np.any(np.isfinite(m) & ~np.isfinite(base))
         assert np.all(np.isfinite(m).any(axis=1) == np.isfinite(base).any(axis=1))
@@ -292,8 +298,9 @@ def test_row_without_forced_keys_keeps_its_first_allowed_key():
     base[0, :9] = NEG
     forced = sparsek_forced(base, pq, pk, window=0, stride=8)
     assert np.nonzero(forced[0])[0].tolist() == [9]
-    # with neither window nor stride, no key is forced
-    assert not sparsek_forced(base, pq, pk, window=0, stride=0).any()
+    # so does a row with neither window nor stride
+    forced = sparsek_forced(base, pq, pk, window=0, stride=0)
+    assert np.nonzero(forced[0])[0].tolist() == [9]
 
 
 def test_n_kv_max_bounds_random_block_masks():
@@ -308,10 +315,7 @@ def test_n_kv_max_bounds_random_block_masks():
         q = rng.standard_normal((n_tokens, 4, 8)).astype(np.float32)
         k = rng.standard_normal((n_kv, 2, 8)).astype(np.float32)
         m = sparsek_mask(q, k, base, pq, pk, top_k, window, stride, block_size=block)
-        if not uses_sparsek(n_kv, top_k, window, stride):
-            np.testing.assert_array_equal(m, base)
-            continue
-        assert np.all(np.isfinite(m).sum(axis=1) <= n_kv_max(n_kv, top_k, window, stride))
+        _check_rows(m, base, top_k, window, stride)
         assert not np.any(np.isfinite(m) & ~np.isfinite(base))
         if window > 0 or stride > 0:
             assert np.all(np.isfinite(m).any(axis=1) == np.isfinite(base).any(axis=1))

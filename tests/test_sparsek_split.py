@@ -6,6 +6,11 @@ keys, so that the next-token logits after a prompt are the same whether it was e
 go or as a prefix plus a suffix of a few tokens. (Before patch 0013, a ubatch of fewer than 64
 tokens selected single keys instead of blocks: the logits moved by up to 2.5.)
 
+Whether a token drops keys at all depends on the keys it sees, not on its ubatch: a token that sees
+fewer keys than SparseK's threshold keeps them all, in a ubatch where the others drop keys too.
+(Before patch 0033 the whole ubatch's view decided: a prefix that ended below the threshold put
+the next tokens that were still below it in a sparse ubatch.)
+
 A token decoded alone is not compared: with one row, the CPU weight mat muls take other kernels
 (GEMV instead of GEMM) and round differently even dense, by up to 0.8 in a logit of SmolLM2.
 """
@@ -27,13 +32,15 @@ SETTINGS = [
     SparseK(top_k=256, window=64, stride=128, block_size=16, sinks=4),
 ]
 N_PROMPT = 2000
-SUFFIXES = (63, 8, 2)  # tokens in the last ubatch
+# tokens in the last ubatch; after a prefix of 300 tokens, the next ubatch holds tokens that keep
+# all of their keys (up to 640) and tokens that drop keys
+SUFFIXES = (63, 8, 2, N_PROMPT - 300)
 
 
-def _code_text() -> str:
+def _code_text(n_def: int = 120, n_use: int = 200) -> str:
     """Code-like text whose later lines call functions defined far back (retrieval-like keys)."""
-    lines = [f"def f_{i}(x):\n    return x * {i * 7919 % 1000} + {i}\n" for i in range(120)]
-    lines += [f"y_{i} = f_{(i * 37) % 120}(y_{i - 1})\n" for i in range(1, 200)]
+    lines = [f"def f_{i}(x):\n    return x * {i * 7919 % 1000} + {i}\n" for i in range(n_def)]
+    lines += [f"y_{i} = f_{(i * 37) % n_def}(y_{i - 1})\n" for i in range(1, n_use)]
     return "".join(lines)
 
 
@@ -61,3 +68,17 @@ def test_logits_do_not_depend_on_the_split(smollm2_path: Path, settings: SparseK
         for n in SUFFIXES:
             split = _last_logits(llm, [tokens[:-n], tokens[-n:]])
             np.testing.assert_allclose(split, whole, atol=1e-4, rtol=0, err_msg=f"suffix {n}")
+
+
+@pytest.mark.slow
+def test_default_logits_do_not_depend_on_a_prefix_below_the_threshold(smollm2_path: Path) -> None:
+    # the default keeps all keys of a token that sees up to 3,584: a reused prefix of 3,300 tokens
+    # puts tokens 3,300-3,583 in the same ubatch as tokens that drop keys, while evaluated at once
+    # they are in a ubatch of their own (tokens 3,072-3,583)
+    opts = {"n_ctx": 4096, "n_batch": 4096, "n_ubatch": 512, "n_threads": 2, "flash_attn": False}
+    with Llama(smollm2_path, sparsek=SparseK(), **opts) as llm:  # type: ignore[arg-type]
+        tokens = llm.tokenize(_code_text(240, 400))[:4000]
+        assert len(tokens) == 4000
+        whole = _last_logits(llm, [tokens])
+        split = _last_logits(llm, [tokens[:3300], tokens[3300:]])
+        np.testing.assert_allclose(split, whole, atol=1e-4, rtol=0)
