@@ -20,22 +20,9 @@ TINY = {
 }
 
 
-def write_tiny_llama(path: Path, seed: int = 0, arch: str = "llama") -> Path:
-    """A 2-layer llama with random weights and a byte-fallback SentencePiece vocabulary."""
-    rng = np.random.default_rng(seed)
+def _add_vocab(writer: gguf.GGUFWriter) -> None:
+    """A byte-fallback SentencePiece vocabulary of TINY["n_vocab"] tokens."""
     t = TINY
-    writer = gguf.GGUFWriter(str(path), arch)
-    writer.add_name("tiny-random-llama")
-    writer.add_context_length(t["n_ctx"])
-    writer.add_embedding_length(t["n_embd"])
-    writer.add_block_count(t["n_layer"])
-    writer.add_feed_forward_length(t["n_ff"])
-    writer.add_head_count(t["n_head"])
-    writer.add_head_count_kv(t["n_head_kv"])
-    writer.add_layer_norm_rms_eps(1e-5)
-    writer.add_rope_dimension_count(t["n_embd"] // t["n_head"])
-    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
-
     tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
     words = [f"\u2581{chr(c)}" for c in range(ord("a"), ord("z") + 1)]
     words += [chr(c) for c in range(ord("a"), ord("z") + 1)] + [
@@ -64,6 +51,24 @@ def write_tiny_llama(path: Path, seed: int = 0, arch: str = "llama") -> Path:
     writer.add_unk_token_id(0)
     writer.add_add_bos_token(True)
 
+
+def write_tiny_llama(path: Path, seed: int = 0, arch: str = "llama") -> Path:
+    """A 2-layer llama with random weights and a byte-fallback SentencePiece vocabulary."""
+    rng = np.random.default_rng(seed)
+    t = TINY
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_name("tiny-random-llama")
+    writer.add_context_length(t["n_ctx"])
+    writer.add_embedding_length(t["n_embd"])
+    writer.add_block_count(t["n_layer"])
+    writer.add_feed_forward_length(t["n_ff"])
+    writer.add_head_count(t["n_head"])
+    writer.add_head_count_kv(t["n_head_kv"])
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_rope_dimension_count(t["n_embd"] // t["n_head"])
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    _add_vocab(writer)
+
     def w(*shape: int) -> np.ndarray:
         return (rng.standard_normal(shape) * 0.08).astype(np.float32)
 
@@ -89,9 +94,64 @@ def write_tiny_llama(path: Path, seed: int = 0, arch: str = "llama") -> Path:
     return path
 
 
+def write_tiny_lfm2(path: Path, seed: int = 0) -> Path:
+    """A 2-layer LFM2 (a hybrid: a short-convolution layer, then an attention layer) with random
+    weights: its attention's KV cache sits next to recurrent state (llama_memory_hybrid)."""
+    rng = np.random.default_rng(seed)
+    t = TINY
+    writer = gguf.GGUFWriter(str(path), "lfm2")
+    writer.add_name("tiny-random-lfm2")
+    writer.add_context_length(t["n_ctx"])
+    writer.add_embedding_length(t["n_embd"])
+    writer.add_block_count(2)
+    writer.add_feed_forward_length(t["n_ff"])
+    writer.add_head_count(t["n_head"])
+    writer.add_head_count_kv([0, t["n_head_kv"]])  # no KV heads: the convolution layer
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_rope_dimension_count(t["n_embd"] // t["n_head"])
+    writer.add_shortconv_l_cache(3)
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    _add_vocab(writer)
+
+    def w(*shape: int) -> np.ndarray:
+        return (rng.standard_normal(shape) * 0.08).astype(np.float32)
+
+    n_embd, head_dim = t["n_embd"], t["n_embd"] // t["n_head"]
+    n_kv = t["n_head_kv"] * head_dim
+    writer.add_tensor("token_embd.weight", w(t["n_vocab"], n_embd) * 10)
+    writer.add_tensor("token_embd_norm.weight", np.ones(n_embd, dtype=np.float32))
+    for i in range(2):
+        writer.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(n_embd, dtype=np.float32))
+        if i == 0:
+            writer.add_tensor(f"blk.{i}.shortconv.conv.weight", w(n_embd, 3))
+            writer.add_tensor(f"blk.{i}.shortconv.in_proj.weight", w(3 * n_embd, n_embd))
+            writer.add_tensor(f"blk.{i}.shortconv.out_proj.weight", w(n_embd, n_embd))
+        else:
+            writer.add_tensor(f"blk.{i}.attn_q_norm.weight", np.ones(head_dim, dtype=np.float32))
+            writer.add_tensor(f"blk.{i}.attn_k_norm.weight", np.ones(head_dim, dtype=np.float32))
+            writer.add_tensor(f"blk.{i}.attn_q.weight", w(n_embd, n_embd) * 4)
+            writer.add_tensor(f"blk.{i}.attn_k.weight", w(n_kv, n_embd) * 4)
+            writer.add_tensor(f"blk.{i}.attn_v.weight", w(n_kv, n_embd))
+            writer.add_tensor(f"blk.{i}.attn_output.weight", w(n_embd, n_embd))
+        writer.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(n_embd, dtype=np.float32))
+        writer.add_tensor(f"blk.{i}.ffn_gate.weight", w(t["n_ff"], n_embd))
+        writer.add_tensor(f"blk.{i}.ffn_up.weight", w(t["n_ff"], n_embd))
+        writer.add_tensor(f"blk.{i}.ffn_down.weight", w(n_embd, t["n_ff"]))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny-llama.gguf")
+
+
+@pytest.fixture(scope="session")
+def tiny_hybrid_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_lfm2(tmp_path_factory.mktemp("tiny") / "tiny-lfm2.gguf")
 
 
 def _registry_model(name: str) -> Path:

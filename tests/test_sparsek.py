@@ -124,6 +124,23 @@ def test_smollm2_large_k_equals_dense(
     assert_close_to_dense(got[:n], want[:n], smollm2_path, toks[:n], opts)
 
 
+def test_hybrid_model_sets_its_sparsek_inputs(tiny_hybrid_model: Path) -> None:
+    """A hybrid model (recurrent layers next to a KV cache) takes SparseK like any other: before
+    patch 0032 its selection read unset inputs (logits 21 off, then a set_rows abort)."""
+    settings = EVERY_KEY[1]
+    tokens = _tokens(200)
+    opts = {"n_ctx": 512, "n_threads": 2, "flash_attn": False}  # bit for bit where all keys stay
+    with Llama(tiny_hybrid_model, **opts) as dense:  # type: ignore[arg-type]
+        want = dense.eval(tokens)
+    seen, cb = _graph_names()
+    with Llama(tiny_hybrid_model, sparsek=settings, cb_eval=cb, **opts) as sparse:  # type: ignore[arg-type]
+        got = sparse.eval(tokens)
+    assert "sparsek_mask-1" in seen  # the attention layer ran the SparseK graph
+    n = N_EVERY_KEY
+    np.testing.assert_array_equal(got[:n], want[:n])
+    assert np.abs(got[n:] - want[n:]).max() > 1e-3
+
+
 def test_default_leaves_short_contexts_dense(smollm2_path: Path) -> None:
     """Where the default would keep half of the keys or more, the graph is the dense one: same
     logits bit for bit, no SparseK tensor, so prompts at small depth pay nothing for SparseK."""
