@@ -52,95 +52,88 @@ def _add_vocab(writer: gguf.GGUFWriter) -> None:
     writer.add_add_bos_token(True)
 
 
+class _TinyWriter:
+    """A GGUF of TINY's sizes with random F32 weights: the hyperparameters and the vocabulary
+    that every tiny model shares, then the tensors a model adds layer by layer."""
+
+    def __init__(
+        self, path: Path, arch: str, n_layer: int, head_count_kv: int | list[int], seed: int = 0
+    ) -> None:
+        self.rng = np.random.default_rng(seed)
+        self.head_dim = TINY["n_embd"] // TINY["n_head"]
+        self.writer = gguf.GGUFWriter(str(path), arch)
+        self.writer.add_name(f"tiny-random-{arch}")
+        self.writer.add_context_length(TINY["n_ctx"])
+        self.writer.add_embedding_length(TINY["n_embd"])
+        self.writer.add_block_count(n_layer)
+        self.writer.add_feed_forward_length(TINY["n_ff"])
+        self.writer.add_head_count(TINY["n_head"])
+        self.writer.add_head_count_kv(head_count_kv)
+        self.writer.add_layer_norm_rms_eps(1e-5)
+        self.writer.add_rope_dimension_count(self.head_dim)
+        self.writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+        _add_vocab(self.writer)
+
+    def w(self, *shape: int) -> np.ndarray:
+        return (self.rng.standard_normal(shape) * 0.08).astype(np.float32)
+
+    def ones(self, name: str, n: int = TINY["n_embd"]) -> None:
+        self.writer.add_tensor(name, np.ones(n, dtype=np.float32))
+
+    def attention(self, i: int) -> None:
+        n_embd, n_kv = TINY["n_embd"], TINY["n_head_kv"] * self.head_dim
+        self.writer.add_tensor(f"blk.{i}.attn_q.weight", self.w(n_embd, n_embd) * 4)
+        self.writer.add_tensor(f"blk.{i}.attn_k.weight", self.w(n_kv, n_embd) * 4)
+        self.writer.add_tensor(f"blk.{i}.attn_v.weight", self.w(n_kv, n_embd))
+        self.writer.add_tensor(f"blk.{i}.attn_output.weight", self.w(n_embd, n_embd))
+
+    def ffn(self, i: int) -> None:
+        n_embd, n_ff = TINY["n_embd"], TINY["n_ff"]
+        self.ones(f"blk.{i}.ffn_norm.weight")
+        self.writer.add_tensor(f"blk.{i}.ffn_gate.weight", self.w(n_ff, n_embd))
+        self.writer.add_tensor(f"blk.{i}.ffn_up.weight", self.w(n_ff, n_embd))
+        self.writer.add_tensor(f"blk.{i}.ffn_down.weight", self.w(n_embd, n_ff))
+
+    def close(self) -> None:
+        self.writer.write_header_to_file()
+        self.writer.write_kv_data_to_file()
+        self.writer.write_tensors_to_file()
+        self.writer.close()
+
+
 def write_tiny_llama(path: Path, seed: int = 0, arch: str = "llama") -> Path:
     """A 2-layer llama with random weights and a byte-fallback SentencePiece vocabulary."""
-    rng = np.random.default_rng(seed)
-    t = TINY
-    writer = gguf.GGUFWriter(str(path), arch)
-    writer.add_name("tiny-random-llama")
-    writer.add_context_length(t["n_ctx"])
-    writer.add_embedding_length(t["n_embd"])
-    writer.add_block_count(t["n_layer"])
-    writer.add_feed_forward_length(t["n_ff"])
-    writer.add_head_count(t["n_head"])
-    writer.add_head_count_kv(t["n_head_kv"])
-    writer.add_layer_norm_rms_eps(1e-5)
-    writer.add_rope_dimension_count(t["n_embd"] // t["n_head"])
-    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
-    _add_vocab(writer)
-
-    def w(*shape: int) -> np.ndarray:
-        return (rng.standard_normal(shape) * 0.08).astype(np.float32)
-
-    n_embd, head_dim = t["n_embd"], t["n_embd"] // t["n_head"]
-    n_kv = t["n_head_kv"] * head_dim
-    writer.add_tensor("token_embd.weight", w(t["n_vocab"], n_embd) * 10)
-    writer.add_tensor("output_norm.weight", np.ones(n_embd, dtype=np.float32))
-    writer.add_tensor("output.weight", w(t["n_vocab"], n_embd))
-    for i in range(t["n_layer"]):
-        writer.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(n_embd, dtype=np.float32))
-        writer.add_tensor(f"blk.{i}.attn_q.weight", w(n_embd, n_embd) * 4)
-        writer.add_tensor(f"blk.{i}.attn_k.weight", w(n_kv, n_embd) * 4)
-        writer.add_tensor(f"blk.{i}.attn_v.weight", w(n_kv, n_embd))
-        writer.add_tensor(f"blk.{i}.attn_output.weight", w(n_embd, n_embd))
-        writer.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(n_embd, dtype=np.float32))
-        writer.add_tensor(f"blk.{i}.ffn_gate.weight", w(t["n_ff"], n_embd))
-        writer.add_tensor(f"blk.{i}.ffn_up.weight", w(t["n_ff"], n_embd))
-        writer.add_tensor(f"blk.{i}.ffn_down.weight", w(n_embd, t["n_ff"]))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    m = _TinyWriter(path, arch, TINY["n_layer"], TINY["n_head_kv"], seed)
+    m.writer.add_tensor("token_embd.weight", m.w(TINY["n_vocab"], TINY["n_embd"]) * 10)
+    m.ones("output_norm.weight")
+    m.writer.add_tensor("output.weight", m.w(TINY["n_vocab"], TINY["n_embd"]))
+    for i in range(TINY["n_layer"]):
+        m.ones(f"blk.{i}.attn_norm.weight")
+        m.attention(i)
+        m.ffn(i)
+    m.close()
     return path
 
 
-def write_tiny_lfm2(path: Path, seed: int = 0) -> Path:
+def write_tiny_lfm2(path: Path) -> Path:
     """A 2-layer LFM2 (a hybrid: a short-convolution layer, then an attention layer) with random
     weights: its attention's KV cache sits next to recurrent state (llama_memory_hybrid)."""
-    rng = np.random.default_rng(seed)
-    t = TINY
-    writer = gguf.GGUFWriter(str(path), "lfm2")
-    writer.add_name("tiny-random-lfm2")
-    writer.add_context_length(t["n_ctx"])
-    writer.add_embedding_length(t["n_embd"])
-    writer.add_block_count(2)
-    writer.add_feed_forward_length(t["n_ff"])
-    writer.add_head_count(t["n_head"])
-    writer.add_head_count_kv([0, t["n_head_kv"]])  # no KV heads: the convolution layer
-    writer.add_layer_norm_rms_eps(1e-5)
-    writer.add_rope_dimension_count(t["n_embd"] // t["n_head"])
-    writer.add_shortconv_l_cache(3)
-    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
-    _add_vocab(writer)
-
-    def w(*shape: int) -> np.ndarray:
-        return (rng.standard_normal(shape) * 0.08).astype(np.float32)
-
-    n_embd, head_dim = t["n_embd"], t["n_embd"] // t["n_head"]
-    n_kv = t["n_head_kv"] * head_dim
-    writer.add_tensor("token_embd.weight", w(t["n_vocab"], n_embd) * 10)
-    writer.add_tensor("token_embd_norm.weight", np.ones(n_embd, dtype=np.float32))
-    for i in range(2):
-        writer.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(n_embd, dtype=np.float32))
-        if i == 0:
-            writer.add_tensor(f"blk.{i}.shortconv.conv.weight", w(n_embd, 3))
-            writer.add_tensor(f"blk.{i}.shortconv.in_proj.weight", w(3 * n_embd, n_embd))
-            writer.add_tensor(f"blk.{i}.shortconv.out_proj.weight", w(n_embd, n_embd))
-        else:
-            writer.add_tensor(f"blk.{i}.attn_q_norm.weight", np.ones(head_dim, dtype=np.float32))
-            writer.add_tensor(f"blk.{i}.attn_k_norm.weight", np.ones(head_dim, dtype=np.float32))
-            writer.add_tensor(f"blk.{i}.attn_q.weight", w(n_embd, n_embd) * 4)
-            writer.add_tensor(f"blk.{i}.attn_k.weight", w(n_kv, n_embd) * 4)
-            writer.add_tensor(f"blk.{i}.attn_v.weight", w(n_kv, n_embd))
-            writer.add_tensor(f"blk.{i}.attn_output.weight", w(n_embd, n_embd))
-        writer.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(n_embd, dtype=np.float32))
-        writer.add_tensor(f"blk.{i}.ffn_gate.weight", w(t["n_ff"], n_embd))
-        writer.add_tensor(f"blk.{i}.ffn_up.weight", w(t["n_ff"], n_embd))
-        writer.add_tensor(f"blk.{i}.ffn_down.weight", w(n_embd, t["n_ff"]))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    n_embd = TINY["n_embd"]
+    m = _TinyWriter(path, "lfm2", 2, [0, TINY["n_head_kv"]])  # no KV heads: the convolution
+    m.writer.add_shortconv_l_cache(3)
+    m.writer.add_tensor("token_embd.weight", m.w(TINY["n_vocab"], n_embd) * 10)
+    m.ones("token_embd_norm.weight")
+    m.ones("blk.0.attn_norm.weight")
+    m.writer.add_tensor("blk.0.shortconv.conv.weight", m.w(n_embd, 3))
+    m.writer.add_tensor("blk.0.shortconv.in_proj.weight", m.w(3 * n_embd, n_embd))
+    m.writer.add_tensor("blk.0.shortconv.out_proj.weight", m.w(n_embd, n_embd))
+    m.ffn(0)
+    m.ones("blk.1.attn_norm.weight")
+    m.ones("blk.1.attn_q_norm.weight", m.head_dim)
+    m.ones("blk.1.attn_k_norm.weight", m.head_dim)
+    m.attention(1)
+    m.ffn(1)
+    m.close()
     return path
 
 
