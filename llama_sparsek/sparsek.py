@@ -69,7 +69,9 @@ class SparseK:
     ``stride``, the keys of the first ``sinks`` positions of its sequence, and ``top_k`` more
     keys its causal mask allows: with ``block_size`` 1 the ``top_k`` best-scoring keys, else the
     ``top_k // block_size`` blocks of ``block_size`` consecutive KV cells whose best key scores
-    best. The first ``dense_layers`` layers keep every key.
+    best. With no window, stride or sinks, a query keeps its first key in their place. A query
+    that would keep half of the keys it sees or more keeps them all, and the first
+    ``dense_layers`` layers keep every key.
     """
 
     top_k: int = 1536
