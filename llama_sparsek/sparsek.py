@@ -70,7 +70,7 @@ class SparseK:
     keys its causal mask allows: with ``block_size`` 1 the ``top_k`` best-scoring keys, else the
     ``top_k // block_size`` blocks of ``block_size`` consecutive KV cells whose best key scores
     best. With no window, stride or sinks, a query keeps its first key in their place. A query
-    that would keep half of the keys it sees or more keeps them all, and the first
+    that would keep 30% of the keys it sees or more keeps them all, and the first
     ``dense_layers`` layers keep every key.
     """
 
@@ -150,9 +150,9 @@ def recommended(arch: str | None = None) -> SparseK:
     verse, Python code, reStructuredText docs; 8k context, two windows), confirmed on one kept
     aside (a play), and on every corpus's Pareto front (`llama-sparsek eval-pareto`). It does
     not grow with the context: from 16k on pass about a tenth of the context as top_k (the 32k
-    needle needs it, README "Retrieval and aggregation"). SparseK only runs where it
-    keeps less than half of the keys (here from a KV cache view of 3,840 cells on), so short
-    prompts stay dense.
+    needle needs it, README "Retrieval and aggregation"). A query drops keys only where it
+    keeps less than 30% of them (here from 5,974 keys on, the measured break-even of the
+    prefill), so short prompts stay dense.
     """
     del arch  # one setting for every architecture until measurements say otherwise
     return SparseK()

@@ -33,7 +33,7 @@ The score of key j for query token i is shared by all heads:
 
 computed in the graph as (group-summed q) . k, one mat mul over head_dim*n_head_kv.
 
-A row drops keys only if it could keep less than half of the keys its base mask allows
+A row drops keys only if it could keep less than 30% of the keys its base mask allows
 (``uses_sparsek(n_allowed, ...)``, per row since patch 0033); any other row keeps its base mask
 row, also in a ubatch whose other rows drop keys. The forced cap and the blocks follow the width
 of the graph's KV view (padded to a multiple of 256 by llama.cpp), so pass the whole captured
@@ -49,7 +49,8 @@ that keep all of their keys need the list).
 Ties. The graph selects with ggml_top_k (CPU: std::partial_sort, no defined order among equal
 scores); this reference breaks ties by the lower cell index. Besides exact ties, the graph's scores
 differ from exact ones by rounding: the K cache is f16 (or quantized) and for an f16 cache the CPU
-mat mul rounds the group-summed q to f16 too (see ``round_f16``). A test that compares the kept
+mat mul rounds the group-summed q to f16 too, or both to bf16 on a CPU with BF16 GEMMs, for ubatches
+of 16 tokens or more (see ``rounding``). A test that compares the kept
 sets should therefore only accept differences at the top-k boundary: use ``compare_kept``, which
 ignores candidates whose score lies within ``tol`` of the top_k-th best candidate score of the row.
 
@@ -75,7 +76,12 @@ The SWA layers of iSWA models (e.g. gemma3) keep their own mask and have no spar
 
 from __future__ import annotations
 
+from typing import Literal
+
 import numpy as np
+
+# how the CPU mat mul rounds the scores' operands (see sparsek_scores); None: exact
+Rounding = Literal["f16", "bf16"] | None
 
 
 def n_forced_max(n_kv: int, window: int, stride: int) -> int:
@@ -89,10 +95,10 @@ def n_kv_max(n_kv: int, top_k: int, window: int, stride: int) -> int:
 
 
 def uses_sparsek(n_allowed: int, top_k: int, window: int, stride: int) -> bool:
-    """False where llama.cpp keeps a row's base mask: it could keep half of its keys or more.
+    """False where llama.cpp keeps a row's base mask: it could keep 30% of its keys or more.
 
     This also leaves more blocks than selected ones (top_k is a multiple of the block size)."""
-    return 2 * n_kv_max(n_allowed, top_k, window, stride) < n_allowed
+    return 10 * n_kv_max(n_allowed, top_k, window, stride) < 3 * n_allowed
 
 
 def sparsek_forced(
@@ -138,21 +144,34 @@ def _group_summed_q(q: np.ndarray, k: np.ndarray) -> np.ndarray:
     return res
 
 
+def to_bf16(x: np.ndarray) -> np.ndarray:
+    """float32 values rounded to bfloat16 (nearest, ties to even), as float32."""
+    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    rounded = (bits + np.uint32(0x7FFF) + ((bits >> 16) & np.uint32(1))) & np.uint32(0xFFFF0000)
+    res: np.ndarray = rounded.view(np.float32)
+    return res
+
+
 def sparsek_scores(
     q: np.ndarray,
     k: np.ndarray,
-    round_f16: bool = False,
+    rounding: Rounding = None,
 ) -> np.ndarray:
     """(n_tokens, n_kv) float64 scores sum_h q_h . k_{h // n_gqa}, before any masking.
 
-    round_f16: round the group-summed q and k to float16 first, as the CPU mat mul does with an
-    f16 K cache (the closest emulation of the graph; it still sums in a different order).
+    rounding: "f16" rounds the group-summed q and k to float16 first, as the CPU mat mul does with
+    an f16 K cache; "bf16" rounds k to float16 (the cache) and then both to bfloat16, as a CPU
+    with BF16 GEMMs does for 16 tokens or more (the closest emulations of the graph; it still sums
+    in a different order).
     """
     qs = _group_summed_q(q, k)
     ks = k.astype(np.float32).reshape(k.shape[0], -1)
-    if round_f16:
+    if rounding == "f16":
         qs = qs.astype(np.float16)
         ks = ks.astype(np.float16)
+    elif rounding == "bf16":
+        qs = to_bf16(qs)
+        ks = to_bf16(ks.astype(np.float16).astype(np.float32))
     res: np.ndarray = qs.astype(np.float64) @ ks.astype(np.float64).T
     return res
 
@@ -161,12 +180,12 @@ def block_scores(
     q: np.ndarray,
     k: np.ndarray,
     block_size: int,
-    round_f16: bool = False,
+    rounding: Rounding = None,
 ) -> np.ndarray:
     """(n_tokens, n_kv // block_size) float64 block scores: the best key score of each block of
     block_size consecutive cells (``sparsek_scores`` for block_size 1); the cells past the last
     whole block are in none."""
-    scores = sparsek_scores(q, k, round_f16)
+    scores = sparsek_scores(q, k, rounding)
     if block_size == 1:
         return scores
     n_blk = k.shape[0] // block_size
@@ -197,7 +216,7 @@ def sparsek_mask(
     top_k: int,
     window: int,
     stride: int,
-    round_f16: bool = False,
+    rounding: Rounding = None,
     block_size: int = 1,
 ) -> np.ndarray:
     """The SparseK mask (n_tokens, n_kv) float32 of one layer; see the module doc for shapes."""
@@ -217,7 +236,7 @@ def sparsek_mask(
 
     forced = sparsek_forced(base_mask, positions_q, positions_k, window, stride)
     cand = candidate_blocks(base_mask, forced, block_size)
-    scores = np.where(cand, block_scores(q, k, block_size, round_f16), -np.inf)
+    scores = np.where(cand, block_scores(q, k, block_size, rounding), -np.inf)
 
     # the top_k / block_size best candidate blocks per row; ties -> lower block index
     order = np.argsort(-scores, axis=1, kind="stable")[:, : top_k // block_size]
