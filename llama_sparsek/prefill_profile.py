@@ -47,7 +47,12 @@ _KERNEL = "([kernel.kallsyms])"
 _WAIT = re.compile(r"\(libgomp\.so[^)]*\)$|\bGOMP_barrier\b|\bggml_barrier\b")
 _IN_DECODE = re.compile(r"\bllama_decode\b|ggml_graph_compute")
 _ATTENTION = re.compile(r"flash_attn")
-_SELECTION_OPS = re.compile(r"ggml_compute_forward_(top_k|pool_1d|set_rows|fill)")
+# the ops of SparseK's selection; the cast of K to BF16 for its scores (patch 0037) is the only copy
+# to BF16 in a model's graph
+_SELECTION_OPS = re.compile(
+    r"ggml_compute_forward_(top_k|pool_1d|set_rows|fill)"
+    r"|ggml_compute_forward_dup\w*<[^<>]+, ggml_bf16_t>"
+)
 # innermost kernels that name the type of src0 (the weight)
 _TYPED_KERNELS = (
     # the AMX kernels name the activation's block first, then the weight's
@@ -56,7 +61,7 @@ _TYPED_KERNELS = (
     re.compile(r"ggml_(?:gemm|gemv)_([a-z0-9]+_[0-9A-Za-z]+?)_\d+x\d+"),
     re.compile(r"\bblock_([a-z0-9]+_[0-9A-Za-z]+?)(?:x\d+)?[,> ]"),
 )
-_FLOAT_KERNELS = re.compile(r"ggml_vec_dot_(f32|f16|bf16)\b|tinyBLAS<")
+_FLOAT_KERNELS = re.compile(r"ggml_vec_dot_(f32|f16|bf16)\b|tinyBLAS<|tinyAMX_bf16\b")
 _ACTIVATIONS = re.compile(r"quantize_row_q8|quantize_mat_q8|ggml_quantize_mat")
 _MATMUL = re.compile(r"mul_mat|llamafile_sgemm")
 
