@@ -41,6 +41,7 @@ from llama_sparsek.prefill_profile import (
     Profile,
     check_perf,
     record,
+    symbols_warning,
     unstripped_builds,
 )
 from llama_sparsek.sparsek import tool_flags
@@ -481,6 +482,9 @@ def _profile(
 ) -> None:
     # the installed libraries are stripped: a source checkout's build tree has them unstripped
     symbols = unstripped_builds({Path(__file__).resolve().parent.parent, Path.cwd()})
+    warning = symbols_warning(symbols)
+    if warning:
+        log(f"warning: {warning}")
     for n, prompt in prompts.items():
         for engine in engines:
             log(f"profiling {n} tokens, {engine.name} ...")

@@ -180,6 +180,17 @@ def unstripped_builds(roots: Iterable[Path]) -> list[Path]:
     return found
 
 
+def symbols_warning(symbols: Sequence[Path]) -> str | None:
+    """What a profile without unstripped builds (`unstripped_builds` found none) would miss."""
+    if symbols:
+        return None
+    return (
+        "no unstripped build tree (build/<tag>/bin) in the source checkout or the working "
+        "directory: perf sees only the exported symbols of the installed libraries, and most "
+        "kernels land in the wrong category - run --profile from the source checkout"
+    )
+
+
 def record(perf: str, cmd: Sequence[str], symbols: Sequence[Path] = ()) -> tuple[Profile, str]:
     """Run `cmd` under `perf record`; its profile and its own combined output. `symbols`:
     unstripped copies of the binaries it runs (matched by build id)."""

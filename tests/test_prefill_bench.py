@@ -40,6 +40,8 @@ from llama_sparsek.prefill_profile import (
     categorize,
     parse_stacks,
     summarize,
+    symbols_warning,
+    unstripped_builds,
 )
 
 # --------------------------------------------------------------------------- tool output
@@ -312,6 +314,18 @@ COMPUTE = ["ggml_graph_compute_thread", "ggml_graph_compute._omp_fn.0", "gomp_th
 )
 def test_categorize(inner: list[str], category: str) -> None:
     assert categorize([*inner, *COMPUTE]) == category
+
+
+def test_profile_without_unstripped_builds_says_so(tmp_path: Path) -> None:
+    # a working directory without a build tree: the warning; with one, none
+    assert unstripped_builds([tmp_path]) == []
+    assert "run --profile from the source checkout" in (symbols_warning([]) or "")
+    lib = tmp_path / "build" / "cp311-cp311-linux_x86_64" / "bin" / "libggml-cpu.so"
+    lib.parent.mkdir(parents=True)
+    lib.write_bytes(b"\x7fELF")
+    found = unstripped_builds([tmp_path])
+    assert found == [lib]
+    assert symbols_warning(found) is None
 
 
 def test_categorize_leaves_out_what_is_not_decoding() -> None:
