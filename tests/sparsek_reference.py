@@ -49,8 +49,8 @@ that keep all of their keys need the list).
 Ties. The graph selects with ggml_top_k (CPU: std::partial_sort, no defined order among equal
 scores); this reference breaks ties by the lower cell index. Besides exact ties, the graph's scores
 differ from exact ones by rounding: the K cache is f16 (or quantized) and for an f16 cache the CPU
-mat mul rounds the group-summed q to f16 too, or both to bf16 on a CPU with BF16 GEMMs, for ubatches
-of 16 tokens or more (see ``rounding``). A test that compares the kept
+mat mul rounds the group-summed q to f16 too, or both to bf16 on a CPU with AMX, for ubatches of 16
+tokens or more (see ``rounding``). A test that compares the kept
 sets should therefore only accept differences at the top-k boundary: use ``compare_kept``, which
 ignores candidates whose score lies within ``tol`` of the top_k-th best candidate score of the row.
 
@@ -161,7 +161,7 @@ def sparsek_scores(
 
     rounding: "f16" rounds the group-summed q and k to float16 first, as the CPU mat mul does with
     an f16 K cache; "bf16" rounds k to float16 (the cache) and then both to bfloat16, as a CPU
-    with BF16 GEMMs does for 16 tokens or more (the closest emulations of the graph; it still sums
+    with AMX does for 16 tokens or more (the closest emulations of the graph; it still sums
     in a different order).
     """
     qs = _group_summed_q(q, k)

@@ -15,8 +15,8 @@ A token decoded alone is compared only to float noise: with one row, the CPU wei
 take other kernels (GEMV instead of GEMM) and round differently even dense, by up to 0.8 in a
 logit of SmolLM2, so the last 64 tokens decoded one at a time must stay within twice the dense
 model's own difference for the same split. So is a suffix of fewer than 16 tokens on a CPU with
-BF16 GEMMs: the scores of a ubatch that short stay in F16 (patch 0037), those of the whole prompt
-are BF16, and near-ties in the selection can flip.
+AMX: the scores of a ubatch that short stay in F16 (patch 0037), those of the whole prompt are
+BF16, and near-ties in the selection can flip.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ N_PROMPT = 2000
 # tokens in the last ubatch; after a prefix of 900 tokens, the next ubatch holds tokens that keep
 # all of their keys (up to 1,067) and tokens that drop keys
 SUFFIXES = (63, 16, N_PROMPT - 900)
-# fewer than 16 tokens: on a CPU with BF16 GEMMs their scores are F16, the whole prompt's BF16
+# fewer than 16 tokens: on a CPU with AMX their scores are F16, the whole prompt's BF16
 # (patch 0037), so they agree like decoded tokens do: within twice the dense model's difference
 # with its last 64 tokens decoded one at a time
 SHORT_SUFFIXES = (8, 2)
