@@ -194,7 +194,8 @@ def test_mask_matches_numpy_reference(
     )
     # one ubatch of 16 tokens or more: BF16 scores on a CPU with AMX (patch 0037)
     info = _system_info()
-    rounding: ref.Rounding = "bf16" if "AMX_INT8 = 1" in info and "AVX512_BF16 = 1" in info else "f16"
+    amx = "AMX_INT8 = 1" in info and "AVX512_BF16 = 1" in info
+    rounding: ref.Rounding = "bf16" if amx else "f16"
     with Llama(tiny_model, n_ctx=512, n_threads=2, sparsek=settings, cb_eval=cb) as llm:
         llm.eval(tokens)
     assert wanted <= captured.keys(), sorted(captured)
