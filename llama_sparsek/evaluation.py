@@ -61,9 +61,9 @@ def kept_keys(setting: SparseK, n_keys: int) -> int:
 
 
 def sparsek_applies(setting: SparseK, n_keys: int) -> bool:
-    """Whether a query that sees n_keys keys drops some: only where it would keep less than 30%
+    """Whether a query that sees n_keys keys drops some: only where it would keep less than 20%
     of them (per query: its ubatch and the other queries in it play no part)."""
-    return 10 * kept_keys(setting, n_keys) < 3 * n_keys
+    return 5 * kept_keys(setting, n_keys) < n_keys
 
 
 def kept_share(setting: SparseK, ctx: int) -> float:
@@ -511,7 +511,7 @@ def _build_info() -> dict[str, Any]:
 def _notes(report: Report) -> Iterator[str]:
     """Warnings a reader must see next to the numbers.
 
-    A setting runs dense by design at a context whose keys it would keep 30% of or more, for
+    A setting runs dense by design at a context whose keys it would keep 20% of or more, for
     every query of the window (`sparsek_applies`): its perplexity there is the dense one, which
     says nothing about the build. Only where SparseK should have dropped keys does the dense
     perplexity mean that the build does not apply it.
@@ -532,7 +532,7 @@ def _notes(report: Report) -> Iterator[str]:
                 idle.append(f"{v.label} at ctx {', '.join(off)}")
         if idle:
             yield (
-                f"{m.model}: SparseK stays off by design where it would keep 30% of the keys or "
+                f"{m.model}: SparseK stays off by design where it would keep 20% of the keys or "
                 f"more, so these rows are dense: {'; '.join(idle)}"
             )
         if active and all(p == dense for p, dense in active):

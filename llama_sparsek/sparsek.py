@@ -70,7 +70,7 @@ class SparseK:
     keys its causal mask allows: with ``block_size`` 1 the ``top_k`` best-scoring keys, else the
     ``top_k // block_size`` blocks of ``block_size`` consecutive KV cells whose best key scores
     best. With no window, stride or sinks, a query keeps its first key in their place. A query
-    that would keep 30% of the keys it sees or more keeps them all, and the first
+    that would keep 20% of the keys it sees or more keeps them all, and the first
     ``dense_layers`` layers keep every key.
     """
 
@@ -151,7 +151,7 @@ def recommended(arch: str | None = None) -> SparseK:
     aside (a play), and on every corpus's Pareto front (`llama-sparsek eval-pareto`). It does
     not grow with the context: from 16k on pass about a tenth of the context as top_k (the 32k
     needle needs it, README "Retrieval and aggregation"). A query drops keys only where it
-    keeps less than 30% of them (here from 5,974 keys on, the measured break-even of the
+    keeps less than 20% of them (here from 8,961 keys on, the measured break-even of the
     prefill), so short prompts stay dense.
     """
     del arch  # one setting for every architecture until measurements say otherwise

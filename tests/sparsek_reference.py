@@ -33,7 +33,7 @@ The score of key j for query token i is shared by all heads:
 
 computed in the graph as (group-summed q) . k, one mat mul over head_dim*n_head_kv.
 
-A row drops keys only if it could keep less than 30% of the keys its base mask allows
+A row drops keys only if it could keep less than 20% of the keys its base mask allows
 (``uses_sparsek(n_allowed, ...)``, per row since patch 0033); any other row keeps its base mask
 row, also in a ubatch whose other rows drop keys. The forced cap and the blocks follow the width
 of the graph's KV view (padded to a multiple of 256 by llama.cpp), so pass the whole captured
@@ -95,10 +95,10 @@ def n_kv_max(n_kv: int, top_k: int, window: int, stride: int) -> int:
 
 
 def uses_sparsek(n_allowed: int, top_k: int, window: int, stride: int) -> bool:
-    """False where llama.cpp keeps a row's base mask: it could keep 30% of its keys or more.
+    """False where llama.cpp keeps a row's base mask: it could keep 20% of its keys or more.
 
     This also leaves more blocks than selected ones (top_k is a multiple of the block size)."""
-    return 10 * n_kv_max(n_allowed, top_k, window, stride) < 3 * n_allowed
+    return 5 * n_kv_max(n_allowed, top_k, window, stride) < n_allowed
 
 
 def sparsek_forced(

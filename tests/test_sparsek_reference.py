@@ -50,49 +50,49 @@ def test_scores_sum_over_heads_of_a_group():
 
 
 def test_top_k_only():
-    n_kv = 12
+    n_kv = 16
     base = np.zeros((1, n_kv), dtype=np.float32)
     q = np.zeros((1, 1, 4), dtype=np.float32)
     q[0, 0, 0] = 1.0
     k = one_hot_keys(n_kv)
     k[2, 0, 0] = 100.0  # key 2 scores best
-    m = sparsek_mask(q, k, base, np.array([11]), np.arange(n_kv), top_k=2, window=0, stride=0)
-    assert kept(m, 0) == [0, 2, 11]  # the first key stands in for the forced ones
+    m = sparsek_mask(q, k, base, np.array([15]), np.arange(n_kv), top_k=2, window=0, stride=0)
+    assert kept(m, 0) == [0, 2, 15]  # the first key stands in for the forced ones
 
 
 def test_negative_scores_and_head_sharing():
     # two heads attend to the same KV head, they disagree: the sum decides
-    n_kv = 7
+    n_kv = 11
     base = np.zeros((1, n_kv), dtype=np.float32)
     q = np.zeros((1, 2, 2), dtype=np.float32)
     q[0, 0] = [1.0, 0.0]
     q[0, 1] = [0.0, 1.0]
     k = np.zeros((n_kv, 1, 2), dtype=np.float32)
-    k[:, 0, 0] = [5, -1, 0, 0, 0, 0, 0]
-    k[:, 0, 1] = [-6, 3, 0, 0, 0, 0, 0]  # key 0: 5 - 6 = -1, key 1: -1 + 3 = 2, others 0
-    m = sparsek_mask(q, k, base, np.array([6]), np.arange(n_kv), top_k=1, window=0, stride=0)
+    k[:2, 0, 0] = [5, -1]
+    k[:2, 0, 1] = [-6, 3]  # key 0: 5 - 6 = -1, key 1: -1 + 3 = 2, others 0
+    m = sparsek_mask(q, k, base, np.array([10]), np.arange(n_kv), top_k=1, window=0, stride=0)
     assert kept(m, 0) == [0, 1]  # key 0 as the first key, key 1 as the best of the others
 
 
 def test_window_and_top_k_union():
-    base, pq, pk = causal(2, 20)
+    base, pq, pk = causal(2, 32)
     q = np.zeros((2, 1, 4), dtype=np.float32)
     q[:, 0, 0] = -1.0  # earlier keys score higher
-    k = one_hot_keys(20)
+    k = one_hot_keys(32)
     m = sparsek_mask(q, k, base, pq, pk, top_k=3, window=2, stride=0)
-    # token 0 at position 18: window 17, 18; top 3 of the rest: 0, 1, 2
-    assert kept(m, 0) == [0, 1, 2, 17, 18]
-    # token 1 at position 19: window 18, 19
-    assert kept(m, 1) == [0, 1, 2, 18, 19]
+    # token 0 at position 30: window 29, 30; top 3 of the rest: 0, 1, 2
+    assert kept(m, 0) == [0, 1, 2, 29, 30]
+    # token 1 at position 31: window 30, 31
+    assert kept(m, 1) == [0, 1, 2, 30, 31]
 
 
 def test_window_keys_are_not_counted_in_top_k():
-    base, pq, pk = causal(1, 20)
+    base, pq, pk = causal(1, 32)
     q = np.zeros((1, 1, 4), dtype=np.float32)
     q[0, 0, 0] = 1.0  # later keys score higher: the window keys would win the top-k
-    k = one_hot_keys(20)
+    k = one_hot_keys(32)
     m = sparsek_mask(q, k, base, pq, pk, top_k=2, window=3, stride=0)
-    assert kept(m, 0) == [15, 16, 17, 18, 19]
+    assert kept(m, 0) == [27, 28, 29, 30, 31]
 
 
 def test_stride_keys():
@@ -106,23 +106,24 @@ def test_stride_keys():
 
 
 def test_base_mask_is_never_unmasked():
-    # two sequences in one stream: cells 0..23 belong to seq A, 24..47 to seq B (positions 0..23
-    # each), cells 48..63 are empty; each token sees 24 keys, of which it keeps at most 7
-    n_kv = 64
-    pk = np.concatenate([np.arange(24), np.arange(24), np.arange(16)])
+    # two sequences in one stream: cells 0..63 belong to seq A, 64..127 to seq B (positions 0..63
+    # each), cells 128..159 are empty; each token sees 64 keys, of which it keeps at most 12
+    n_kv = 160
+    pk = np.concatenate([np.arange(64), np.arange(64), np.arange(32)])
     base = np.full((2, n_kv), NEG, dtype=np.float32)
-    base[0, :24] = 0.0  # token of seq A at position 23
-    base[1, 24:48] = 0.0  # token of seq B at position 23
-    pq = np.array([23, 23])
+    base[0, :64] = 0.0  # token of seq A at position 63
+    base[1, 64:128] = 0.0  # token of seq B at position 63
+    pq = np.array([63, 63])
     q = np.zeros((2, 1, 4), dtype=np.float32)
     q[:, 0, 0] = 1.0
     k = one_hot_keys(n_kv)  # seq B's keys score higher than all of seq A's
-    assert uses_sparsek(24, 3, 1, 8)
+    assert uses_sparsek(64, 3, 1, 8)
     m = sparsek_mask(q, k, base, pq, pk, top_k=3, window=1, stride=8)
-    # strided positions 0, 8, 16, window position 23, top 3 of the rest by score
-    assert kept(m, 0) == [0, 8, 16, 20, 21, 22, 23]
-    assert kept(m, 1) == [24, 32, 40, 44, 45, 46, 47]
-    assert np.all(np.isneginf(m[0, 24:])) and np.all(np.isneginf(m[1, :24]))
+    # strided positions 0, 8, ..., 56, window position 63, top 3 of the rest by score
+    strided = list(range(0, 64, 8))
+    assert kept(m, 0) == [*strided, 60, 61, 62, 63]
+    assert kept(m, 1) == [64 + j for j in [*strided, 60, 61, 62, 63]]
+    assert np.all(np.isneginf(m[0, 64:])) and np.all(np.isneginf(m[1, :64]))
 
 
 def test_fewer_candidates_than_top_k():
@@ -139,12 +140,12 @@ def test_skip_unless_most_keys_are_dropped():
     base, pq, pk = causal(3, 16)
     q = np.ones((3, 1, 4), dtype=np.float32)
     k = one_hot_keys(16)
-    # up to top_k + window = 5 of 14-16 keys kept: not less than 30%, the base mask stays
+    # up to top_k + window = 5 of 14-16 keys kept: not less than 20%, the base mask stays
     assert not uses_sparsek(16, 3, 2, 0)
     m = sparsek_mask(q, k, base, pq, pk, top_k=3, window=2, stride=0)
     np.testing.assert_array_equal(m, base)
-    assert uses_sparsek(14, 2, 2, 0)
-    m = sparsek_mask(q, k, base, pq, pk, top_k=2, window=2, stride=0)
+    assert uses_sparsek(14, 1, 1, 0)
+    m = sparsek_mask(q, k, base, pq, pk, top_k=1, window=1, stride=0)
     assert not np.array_equal(np.isfinite(m), np.isfinite(base))
     # strided keys count: with stride 2, 16 of 32 cells are forced
     assert uses_sparsek(32, 4, 2, 0)
@@ -153,46 +154,46 @@ def test_skip_unless_most_keys_are_dropped():
 
 def test_kept_entries_keep_the_base_value():
     # ALiBi-style finite base values survive
-    n_kv = 12
-    base = -np.abs(np.arange(n_kv, dtype=np.float32) - 11)[None, :]
+    n_kv = 16
+    base = -np.abs(np.arange(n_kv, dtype=np.float32) - 15)[None, :]
     q = np.zeros((1, 1, 4), dtype=np.float32)
     q[0, 0, 0] = 1.0
     k = one_hot_keys(n_kv)
-    m = sparsek_mask(q, k, base, np.array([11]), np.arange(n_kv), top_k=2, window=1, stride=0)
-    assert kept(m, 0) == [9, 10, 11]
-    np.testing.assert_array_equal(m[0, [9, 10, 11]], base[0, [9, 10, 11]])
+    m = sparsek_mask(q, k, base, np.array([15]), np.arange(n_kv), top_k=2, window=1, stride=0)
+    assert kept(m, 0) == [13, 14, 15]
+    np.testing.assert_array_equal(m[0, [13, 14, 15]], base[0, [13, 14, 15]])
 
 
 def test_ties_prefer_lower_index():
-    n_kv = 16
+    n_kv = 24
     base = np.zeros((1, n_kv), dtype=np.float32)
     q = np.ones((1, 1, 4), dtype=np.float32)
     k = np.ones((n_kv, 1, 4), dtype=np.float32)
-    m = sparsek_mask(q, k, base, np.array([15]), np.arange(n_kv), top_k=3, window=1, stride=0)
-    assert kept(m, 0) == [0, 1, 2, 15]
+    m = sparsek_mask(q, k, base, np.array([23]), np.arange(n_kv), top_k=3, window=1, stride=0)
+    assert kept(m, 0) == [0, 1, 2, 23]
 
 
 def test_forced_cap_with_position_gaps():
-    # 32 cells holding positions 0, 8, 16, ..., 248 (gaps): all strided for stride 8,
-    # but the cap is window + ceil(32/8) = 1 + 4 = 5, counted in cell order
-    n_kv = 32
-    pk = np.arange(0, 256, 8)
+    # 64 cells holding positions 0, 8, 16, ..., 504 (gaps): all strided for stride 8,
+    # but the cap is window + ceil(64/8) = 1 + 8 = 9, counted in cell order
+    n_kv = 64
+    pk = np.arange(0, 512, 8)
     base = np.zeros((1, n_kv), dtype=np.float32)
-    forced = sparsek_forced(base, np.array([248]), pk, window=1, stride=8)
-    assert n_forced_max(n_kv, 1, 8) == 5
-    assert list(np.nonzero(forced[0])[0]) == [0, 1, 2, 3, 4]
-    assert n_kv_max(n_kv, 2, 1, 8) == 7
+    forced = sparsek_forced(base, np.array([504]), pk, window=1, stride=8)
+    assert n_forced_max(n_kv, 1, 8) == 9
+    assert list(np.nonzero(forced[0])[0]) == list(range(9))
+    assert n_kv_max(n_kv, 2, 1, 8) == 11
     q = np.zeros((1, 1, 4), dtype=np.float32)
     q[0, 0, 0] = 1.0
     k = one_hot_keys(n_kv)
-    m = sparsek_mask(q, k, base, np.array([248]), pk, top_k=2, window=1, stride=8)
-    # the window key (cell 31) is past the cap and competes in the top-k, where it wins
-    assert kept(m, 0) == [0, 1, 2, 3, 4, 30, 31]
+    m = sparsek_mask(q, k, base, np.array([504]), pk, top_k=2, window=1, stride=8)
+    # the window key (cell 63) is past the cap and competes in the top-k, where it wins
+    assert kept(m, 0) == [*range(9), 62, 63]
     assert len(kept(m, 0)) <= n_kv_max(n_kv, 2, 1, 8)
 
 
 def _check_rows(m: np.ndarray, base: np.ndarray, top_k: int, window: int, stride: int) -> None:
-    """A row that would keep 30% of its keys or more is its base row; the others keep at most
+    """A row that would keep 20% of its keys or more is its base row; the others keep at most
     the n_kv_max hint of the view."""
     for row, base_row in zip(m, base, strict=True):
         if uses_sparsek(int(np.isfinite(base_row).sum()), top_k, window, stride):
@@ -218,14 +219,14 @@ def test_n_kv_max_bounds_random_masks():
 
 
 def test_compare_kept_tolerates_boundary_ties_only():
-    n_kv = 12
+    n_kv = 16
     base = np.zeros((1, n_kv), dtype=np.float32)
     q = np.ones((1, 1, 4), dtype=np.float32)
     k = np.ones((n_kv, 1, 4), dtype=np.float32)
-    k[0] *= 2.0  # key 0 clearly best, keys 1..10 tie, key 11 forced by the window
-    pq, pk = np.array([11]), np.arange(n_kv)
+    k[0] *= 2.0  # key 0 clearly best, keys 1..14 tie, key 15 forced by the window
+    pq, pk = np.array([15]), np.arange(n_kv)
     ref = sparsek_mask(q, k, base, pq, pk, top_k=2, window=1, stride=0)
-    assert kept(ref, 0) == [0, 1, 11]
+    assert kept(ref, 0) == [0, 1, 15]
     scores = sparsek_scores(q, k)
     cand = candidate_blocks(base, sparsek_forced(base, pq, pk, 1, 0), 1)
     other = ref.copy()

@@ -30,16 +30,16 @@ import pytest
 from llama_sparsek import Llama, SparseK
 from llama_sparsek._binding import ffi, lib
 
-# drop keys from 1,067 cells on (1,114 with the stride): the prompt's later ubatches all run the
-# SparseK graph
+# drop keys from 1,601 cells on (1,691 with the stride): the prompt's last ubatch runs the SparseK
+# graph
 SETTINGS = [
     SparseK(top_k=256, window=64, block_size=8),
     SparseK(top_k=256, window=64, stride=128, block_size=16, sinks=4),
 ]
 N_PROMPT = 2000
-# tokens in the last ubatch; after a prefix of 900 tokens, the next ubatch holds tokens that keep
-# all of their keys (up to 1,067) and tokens that drop keys
-SUFFIXES = (63, 16, N_PROMPT - 900)
+# tokens in the last ubatch; after a prefix of 1,400 tokens, the next ubatch holds tokens that keep
+# all of their keys (up to 1,600) and tokens that drop keys
+SUFFIXES = (63, 16, N_PROMPT - 1400)
 # fewer than 16 tokens: on a CPU with AMX their scores are F16, the whole prompt's BF16
 # (patch 0037), so they agree like decoded tokens do: within twice the dense model's difference
 # with its last 64 tokens decoded one at a time
@@ -112,15 +112,16 @@ def test_logits_do_not_depend_on_the_split(
 
 @pytest.mark.slow
 def test_default_logits_do_not_depend_on_a_prefix_below_the_threshold(smollm2_path: Path) -> None:
-    # the default keeps all keys of a token that sees up to 5,973: a reused prefix of 5,700 tokens
-    # puts tokens 5,700-5,972 first in a ubatch with tokens that drop keys, while evaluated at once
-    # they are in the ubatch of tokens 5,632-6,143
-    opts = {"n_ctx": 6656, "n_batch": 6656, "n_ubatch": 512, "n_threads": 2, "flash_attn": False}
+    # the default keeps all keys of a token that sees up to 8,960: a reused prefix of 8,650 tokens
+    # puts tokens 8,650-8,959 first in a ubatch with tokens that drop keys, while evaluated at once
+    # they are in the ubatches of tokens 8,192-8,703 and 8,704-9,215 (the suffix's last ubatch
+    # holds 54 tokens: 16 or more, so its scores are rounded like the whole prompt's)
+    opts = {"n_ctx": 9472, "n_batch": 9472, "n_ubatch": 512, "n_threads": 2, "flash_attn": False}
     with Llama(smollm2_path, sparsek=SparseK(), **opts) as llm:  # type: ignore[arg-type]
-        tokens = llm.tokenize(_code_text(360, 600))[:6400]
-        assert len(tokens) == 6400
+        tokens = llm.tokenize(_code_text(360, 600))[:9216]
+        assert len(tokens) == 9216
         whole = _last_logits(llm, [tokens])
-        split = _last_logits(llm, [tokens[:5700], tokens[5700:]])
+        split = _last_logits(llm, [tokens[:8650], tokens[8650:]])
         np.testing.assert_allclose(split, whole, atol=1e-4, rtol=0)
 
 
