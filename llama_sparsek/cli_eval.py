@@ -99,14 +99,14 @@ def eval_command(
     ] = DEFAULT_GRID,
     ctx: Annotated[
         list[str] | None,
-        typer.Option("--ctx", help="Perplexity contexts, repeatable/comma list [2048,4096,8192]."),
+        typer.Option("--ctx", help="Perplexity contexts, repeatable/comma list [4096,8192,16384]."),
     ] = None,
     depths: Annotated[
-        str | None, typer.Option(help="llama-bench depths, comma list [0,2048,7168].")
+        str | None, typer.Option(help="llama-bench depths, comma list [0,7168,15360].")
     ] = None,
     windows: Annotated[int | None, typer.Option(help="Perplexity windows per context [4].")] = None,
     prompts: Annotated[int | None, typer.Option(help="Greedy-agreement prompts [4].")] = None,
-    prompt_tokens: Annotated[int | None, typer.Option(help="Tokens per prompt [3840].")] = None,
+    prompt_tokens: Annotated[int | None, typer.Option(help="Tokens per prompt [12032].")] = None,
     gen_tokens: Annotated[int | None, typer.Option(help="Greedy tokens per prompt [256].")] = None,
     pp: Annotated[int | None, typer.Option("--pp", help="llama-bench prompt tokens [512].")] = None,
     tg: Annotated[

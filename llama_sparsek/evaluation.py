@@ -84,12 +84,13 @@ def kept_share(setting: SparseK, ctx: int) -> float:
 class EvalConfig:
     """What to measure and how much of it; `quick()` is the CI smoke size."""
 
-    contexts: tuple[int, ...] = (2048, 4096, 8192)
+    # SparseK's default drops keys only past 8,960 keys: the largest context and depth are past it
+    contexts: tuple[int, ...] = (4096, 8192, 16384)
     windows: int = 4  # perplexity windows per context, at most (fewer if the text runs out)
     prompts: int = 4  # greedy-agreement prompts, spread evenly over the text
-    prompt_tokens: int = 3840  # + gen_tokens = 4096: long prompts
+    prompt_tokens: int = 12032  # + gen_tokens = 12288: long prompts
     gen_tokens: int = 256
-    depths: tuple[int, ...] = (0, 2048, 7168)
+    depths: tuple[int, ...] = (0, 7168, 15360)
     pp_tokens: int = 512
     tg_tokens: int = 128
     repetitions: int = 3  # llama-bench -r

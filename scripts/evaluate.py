@@ -24,8 +24,8 @@ from llama_sparsek.cli_eval import DEFAULT_GRID, eval_command
 README_OPTIONS = {
     "--model": "smollm2-135m",
     "--grid": DEFAULT_GRID,
-    "--ctx": "2048,4096,8192",
-    "--depths": "0,2048,7168",
+    "--ctx": "4096,8192,16384",
+    "--depths": "0,7168,15360",
     "--threads": "2",
     "--out": "docs/eval",
 }

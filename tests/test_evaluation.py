@@ -119,7 +119,7 @@ def test_config_rejects_nonsense() -> None:
         EvalConfig(windows=0)
     with pytest.raises(ValueError, match="contexts"):
         EvalConfig(contexts=(8,))
-    assert EvalConfig().n_ctx == 8192
+    assert EvalConfig().n_ctx == 16384
     assert EvalConfig.quick(prompt_tokens=400).n_ctx == 416
 
 
