@@ -11,8 +11,9 @@ profiled) is put in one category:
   the KV cache, so dense rows show its (small) share too;
 - `mat mul <type>`: a weight mat mul, named by the weight type its innermost kernel handles
   (`ggml_vec_dot_q4_1_q8_1`, the repacked `ggml_gemm_q4_0_8x8_q8_0`, llamafile's
-  `tinyBLAS_Q0_AVX<block_q8_0, ...>`); `mat mul (activations)` the quantization of the activations
-  that feed them, `mat mul (other)` the rest of the op;
+  `tinyBLAS_Q0_AVX<block_q8_0, ...>`, AMX's `ggml_amx_mul_mat_bf16_blocks<block_q4_1>`);
+  `mat mul (activations)` the quantization (or BF16 rounding) of the activations that feed them,
+  `mat mul (other)` the rest of the op;
 - `barrier waits`: threads waiting for each other between ops (OpenMP's barrier, where the
   innermost user-space frame is in libgomp), which grows when the machine is overloaded;
 - `rest`: everything else in the decode (norms, rope, adds, copies, graph building).
@@ -62,7 +63,11 @@ _TYPED_KERNELS = (
     re.compile(r"\bblock_([a-z0-9]+_[0-9A-Za-z]+?)(?:x\d+)?[,> ]"),
 )
 _FLOAT_KERNELS = re.compile(r"ggml_vec_dot_(f32|f16|bf16)\b|tinyBLAS<|tinyAMX_bf16\b")
-_ACTIVATIONS = re.compile(r"quantize_row_q8|quantize_mat_q8|ggml_quantize_mat")
+# the AMX path of many rows rounds the activations to BF16 in ggml_amx_mul_mat_bf16 itself, and
+# runs its products in ggml_amx_mul_mat_bf16_blocks<block_...>, a typed kernel
+_ACTIVATIONS = re.compile(
+    r"quantize_row_q8|quantize_mat_q8|ggml_quantize_mat|ggml_amx_mul_mat_bf16\b(?!_)"
+)
 _MATMUL = re.compile(r"mul_mat|llamafile_sgemm")
 
 

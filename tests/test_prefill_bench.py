@@ -286,6 +286,24 @@ COMPUTE = ["ggml_graph_compute_thread", "ggml_graph_compute._omp_fn.0", "gomp_th
             ["(anonymous namespace)::tinygemm_kernel_vnni<block_q8_K, block_q6_K, float, 1>"],
             "mat mul q6_K",
         ),
+        (
+            [
+                "simd_gemm_bf16_ld(float*, long, bool, ggml_bf16_t const*, unsigned int const*, "
+                "int, int, int)",
+                "void ggml_amx_mul_mat_bf16_blocks<block_q4_1>(ggml_compute_params const*, "
+                "ggml_tensor*, ggml_bf16_t const*, int)",
+                "ggml_amx_mul_mat_bf16(ggml_compute_params const*, ggml_tensor*)",
+                "ggml_backend_amx_mul_mat(ggml_compute_params const*, ggml_tensor*)",
+            ],
+            "mat mul q4_1",
+        ),
+        (
+            [
+                "ggml_amx_mul_mat_bf16(ggml_compute_params const*, ggml_tensor*)",
+                "ggml_backend_amx_mul_mat(ggml_compute_params const*, ggml_tensor*)",
+            ],
+            ACTIVATIONS,
+        ),
         (["quantize_row_q8_1", "ggml_compute_forward_mul_mat"], ACTIVATIONS),
         (["ggml_compute_forward_mul_mat"], MATMUL_OTHER),
         # f16 dot products: FLASH_ATTN_EXT's inside it, the SparseK scoring in a mat mul
