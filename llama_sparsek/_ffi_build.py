@@ -88,6 +88,7 @@ struct llama_context_params {
     int32_t sparsek_block_size;
     int32_t sparsek_sinks;
     int32_t sparsek_dense_layers;
+    int32_t sparsek_summaries;
     ...;
 };
 
@@ -99,6 +100,7 @@ struct llama_sparsek_params {
     int32_t block_size;
     int32_t sinks;
     int32_t dense_layers;
+    int32_t summaries;
     ...;
 };
 

@@ -119,6 +119,13 @@ def set_(
         int | None,
         typer.Option("--dense-layers", help="The first layers keep every key (0: none)."),
     ] = None,
+    summaries: Annotated[
+        int | None,
+        typer.Option(
+            help="1: score blocks by their per-channel max/min summaries kept with the KV "
+            "cache; 0: by their best key."
+        ),
+    ] = None,
     enable: Annotated[
         bool | None,
         typer.Option(
@@ -144,7 +151,7 @@ def set_(
     with _errors():
         info = read_metadata(file)
         updates: dict[str, Update] = {}
-        given = (top_k, window, stride, block_size, sinks, dense_layers, enable)
+        given = (top_k, window, stride, block_size, sinks, dense_layers, summaries, enable)
         if any(v is not None for v in given):
             updates = sparsek_updates(
                 info,
@@ -154,6 +161,7 @@ def set_(
                 block_size=block_size,
                 sinks=sinks,
                 dense_layers=dense_layers,
+                summaries=summaries,
                 enable=enable,
             )
         for spec in kv or ():
@@ -164,7 +172,7 @@ def set_(
         if not updates:
             raise GGUFError(
                 "nothing to set: give --top-k, --window, --stride, --block-size, --sinks, "
-                "--dense-layers, --enable, --kv"
+                "--dense-layers, --summaries, --enable, --kv"
             )
         result = edit_metadata(info, updates, out=out, in_place=in_place, dry_run=dry_run)
     _report(result)

@@ -236,11 +236,13 @@ class Report:
 
 
 def _variant_from_json(v: dict[str, Any]) -> VariantResult:
-    # reports older than the sinks and dense layers ran without them
+    # reports older than the sinks, dense layers and summaries ran without them
     setting = v["setting"]
     return VariantResult(
         v["label"],
-        None if setting is None else SparseK(**({"sinks": 0, "dense_layers": 0} | setting)),
+        None
+        if setting is None
+        else SparseK(**({"sinks": 0, "dense_layers": 0, "summaries": 0} | setting)),
         [Perplexity(**p) for p in v["perplexity"]],
         None if v["agreement"] is None else Agreement(**v["agreement"]),
         [Speed(**s) for s in v["speed"]],
@@ -361,6 +363,7 @@ def parse_bench(output: str, setting: SparseK | None = None) -> list[Speed]:
                 r["sparsek_block_size"],
                 r.get("sparsek_sinks", 0),
                 r.get("sparsek_dense_layers", 0),
+                r.get("sparsek_summaries", 0),
             )
             if r["sparsek"]
             else None

@@ -47,6 +47,7 @@ from llama_sparsek.sparsek import (
     KEY_SINKS,
     KEY_STRIDE,
     KEY_SUFFIXES,
+    KEY_SUMMARIES,
     KEY_TOP_K,
     KEY_WINDOW,
     is_sparsek_key,
@@ -640,6 +641,7 @@ def set_sparsek(
     block_size: int | None = None,
     sinks: int | None = None,
     dense_layers: int | None = None,
+    summaries: int | None = None,
     enable: bool | None = None,
     out: str | os.PathLike[str] | None = None,
     in_place: bool = False,
@@ -655,6 +657,7 @@ def set_sparsek(
         block_size=block_size,
         sinks=sinks,
         dense_layers=dense_layers,
+        summaries=summaries,
         enable=enable,
     )
     return edit_metadata(info, updates, out=out, in_place=in_place, dry_run=dry_run)
@@ -684,6 +687,7 @@ def sparsek_updates(
     block_size: int | None = None,
     sinks: int | None = None,
     dense_layers: int | None = None,
+    summaries: int | None = None,
     enable: bool | None = None,
 ) -> dict[str, Update]:
     """The updates that write the given SparseK settings under the file's architecture.
@@ -699,6 +703,7 @@ def sparsek_updates(
         KEY_BLOCK_SIZE: block_size,
         KEY_SINKS: sinks,
         KEY_DENSE_LAYERS: dense_layers,
+        KEY_SUMMARIES: summaries,
     }
     if enable is True and all(v is None for v in settings.values()):
         settings = dict(recommended(arch).values())
@@ -710,7 +715,8 @@ def sparsek_updates(
             updates[sparsek_key(arch, suffix)] = (sparsek_type(suffix), value)
     if not updates:
         raise GGUFError(
-            "nothing to set: give top_k, window, stride, block_size, sinks, dense_layers or enable"
+            "nothing to set: give top_k, window, stride, block_size, sinks, dense_layers, "
+            "summaries or enable"
         )
     return updates
 

@@ -269,6 +269,7 @@ class Llama:
             cparams.sparsek_block_size = sparsek.block_size
             cparams.sparsek_sinks = sparsek.sinks
             cparams.sparsek_dense_layers = sparsek.dense_layers
+            cparams.sparsek_summaries = sparsek.summaries
         if self._cb_eval is not None:
             cparams.cb_eval = lib._llama_sparsek_eval
             cparams.cb_eval_user_data = self._cb_eval
@@ -289,6 +290,7 @@ class Llama:
                 resolved.block_size,
                 resolved.sinks,
                 resolved.dense_layers,
+                resolved.summaries,
             )
             if resolved.enabled
             else None

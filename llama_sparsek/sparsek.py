@@ -13,6 +13,7 @@ KEY_STRIDE = "stride"
 KEY_BLOCK_SIZE = "block_size"
 KEY_SINKS = "sinks"
 KEY_DENSE_LAYERS = "dense_layers"
+KEY_SUMMARIES = "summaries"
 KEY_SUFFIXES = (
     KEY_ENABLE,
     KEY_TOP_K,
@@ -21,6 +22,7 @@ KEY_SUFFIXES = (
     KEY_BLOCK_SIZE,
     KEY_SINKS,
     KEY_DENSE_LAYERS,
+    KEY_SUMMARIES,
 )
 # the largest value the patched llama.cpp accepts (INT32_MAX/4: sums of them stay in int32)
 MAX_VALUE = (2**31 - 1) // 4
@@ -72,6 +74,11 @@ class SparseK:
     best. With no window, stride or sinks, a query keeps its first key in their place. A query
     that would keep 20% of the keys it sees or more keeps them all, and the first
     ``dense_layers`` layers keep every key.
+
+    ``summaries`` 1 scores a block by the upper bound of its keys' scores from the per-channel
+    max and min of its keys (as in Quest), which llama.cpp keeps next to the KV cache and writes
+    with the keys: a query reads ``n_kv / block_size`` summaries instead of every key, which
+    makes the selection cheaper and less exact (README, "Block summaries"). 0 scores every key.
     """
 
     top_k: int = 1536
@@ -80,11 +87,14 @@ class SparseK:
     block_size: int = 8
     sinks: int = 0
     dense_layers: int = 1
+    summaries: int = 0
 
     def __post_init__(self) -> None:
         for name, value in self.values().items():
             validate_value(name, value)
         validate_block_size(self.top_k, self.window, self.block_size)
+        if self.summaries and self.block_size == 1:
+            raise ValueError("SparseK summaries summarize blocks: they need block_size > 1")
 
     def values(self) -> dict[str, int]:
         """The settings by key suffix (`top_k`, ...): the field names are the suffixes."""
@@ -111,7 +121,10 @@ _MIN_VALUE = {
     KEY_BLOCK_SIZE: 1,
     KEY_SINKS: 0,
     KEY_DENSE_LAYERS: 0,
+    KEY_SUMMARIES: 0,
 }
+# the largest value of the settings that are switches rather than counts
+_MAX_SWITCH = {KEY_SUMMARIES: 1}
 
 
 def validate_value(name: str, value: object) -> None:
@@ -123,6 +136,8 @@ def validate_value(name: str, value: object) -> None:
         raise ValueError(f"SparseK {name} must be <= {MAX_VALUE}, got {value}")
     if value < _MIN_VALUE[name]:
         raise ValueError(f"SparseK {name} must be >= {_MIN_VALUE[name]}, got {value}")
+    if value > _MAX_SWITCH.get(name, MAX_VALUE):
+        raise ValueError(f"SparseK {name} must be 0 or 1, got {value}")
 
 
 def validate_block_size(top_k: int, window: int, block_size: int) -> None:
@@ -178,6 +193,7 @@ def from_options(
     block_size: int | None = None,
     sinks: int | None = None,
     dense_layers: int | None = None,
+    summaries: int | None = None,
 ) -> SparseK | None:
     """The settings command-line options ask for: the recommended ones with the given values on
     top, or None when SparseK is off (ValueError for values without SparseK, or out of range)."""
@@ -188,6 +204,7 @@ def from_options(
         "block_size": block_size,
         "sinks": sinks,
         "dense_layers": dense_layers,
+        "summaries": summaries,
     }
     chosen = {k: v for k, v in given.items() if v is not None}
     if not enabled:

@@ -176,15 +176,48 @@ def sparsek_scores(
     return res
 
 
-def block_scores(
+def summary_scores(
     q: np.ndarray,
     k: np.ndarray,
     block_size: int,
     rounding: Rounding = None,
 ) -> np.ndarray:
+    """(n_tokens, n_kv // block_size) float64 bounds of the block scores from the block
+    summaries (``SparseK.summaries``): sum over the channels of the group-summed q of
+    max(q_c * max_c, q_c * min_c), max_c and min_c over the keys of the block (as in Quest).
+
+    rounding: "f16" rounds q and the keys to float16 (summaries of an f16 cache are exact);
+    "bf16" rounds the keys to float16 (the cache), then the summaries and q to bfloat16, as the
+    cache keeps them and the mat mul takes q on a CPU with AMX."""
+    qs = _group_summed_q(q, k)
+    n_blk = k.shape[0] // block_size
+    ks = k.astype(np.float32).reshape(k.shape[0], -1)[: n_blk * block_size]
+    ks = ks.astype(np.float16).astype(np.float32) if rounding else ks
+    blocks = ks.reshape(n_blk, block_size, -1)
+    hi, lo = blocks.max(axis=1), blocks.min(axis=1)
+    if rounding == "f16":
+        qs = qs.astype(np.float16).astype(np.float32)
+    elif rounding == "bf16":
+        qs, hi, lo = to_bf16(qs), to_bf16(hi), to_bf16(lo)
+    q64 = qs.astype(np.float64)
+    res: np.ndarray = (
+        np.maximum(q64, 0) @ hi.astype(np.float64).T + np.minimum(q64, 0) @ lo.astype(np.float64).T
+    )
+    return res
+
+
+def block_scores(
+    q: np.ndarray,
+    k: np.ndarray,
+    block_size: int,
+    rounding: Rounding = None,
+    summaries: bool = False,
+) -> np.ndarray:
     """(n_tokens, n_kv // block_size) float64 block scores: the best key score of each block of
-    block_size consecutive cells (``sparsek_scores`` for block_size 1); the cells past the last
-    whole block are in none."""
+    block_size consecutive cells (``sparsek_scores`` for block_size 1), or with ``summaries``
+    the bound of ``summary_scores``; the cells past the last whole block are in none."""
+    if summaries:
+        return summary_scores(q, k, block_size, rounding)
     scores = sparsek_scores(q, k, rounding)
     if block_size == 1:
         return scores
@@ -218,6 +251,7 @@ def sparsek_mask(
     stride: int,
     rounding: Rounding = None,
     block_size: int = 1,
+    summaries: bool = False,
 ) -> np.ndarray:
     """The SparseK mask (n_tokens, n_kv) float32 of one layer; see the module doc for shapes."""
     base_mask = np.asarray(base_mask, dtype=np.float32)
@@ -236,7 +270,7 @@ def sparsek_mask(
 
     forced = sparsek_forced(base_mask, positions_q, positions_k, window, stride)
     cand = candidate_blocks(base_mask, forced, block_size)
-    scores = np.where(cand, block_scores(q, k, block_size, rounding), -np.inf)
+    scores = np.where(cand, block_scores(q, k, block_size, rounding, summaries), -np.inf)
 
     # the top_k / block_size best candidate blocks per row; ties -> lower block index
     order = np.argsort(-scores, axis=1, kind="stable")[:, : top_k // block_size]

@@ -265,6 +265,9 @@ def test_invalid_options_raise_before_loading(tiny_model: Path, kwargs: dict[str
         {"window": -1},
         {"stride": -2},
         {"top_k": 2**29},
+        {"summaries": 2},
+        {"summaries": -1},
+        {"summaries": 1, "block_size": 1},
     ],
 )
 def test_invalid_sparsek_values(kwargs: dict[str, object]) -> None:

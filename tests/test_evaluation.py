@@ -82,7 +82,8 @@ def test_parse_grid_reads_top_k_window_and_optional_block() -> None:
         "qwen2.sparsek.stride": 0,
         "qwen2.sparsek.block_size": 16,
         "qwen2.sparsek.sinks": 0,
-        "qwen2.sparsek.dense_layers": 1,  # the default, which a grid entry does not name
+        "qwen2.sparsek.dense_layers": 1,  # the defaults, which a grid entry does not name
+        "qwen2.sparsek.summaries": 0,
     }
 
 
@@ -400,6 +401,8 @@ def test_sparsek_flags_force_dense_or_the_setting() -> None:
         "0",
         "--sparsek-dense-layers",
         "1",
+        "--sparsek-summaries",
+        "0",
     ]
 
 

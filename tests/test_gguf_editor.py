@@ -36,7 +36,16 @@ from llama_sparsek.sparsek import recommended
 
 SPARSEK_KEYS = [
     f"llama.sparsek.{s}"
-    for s in ("enable", "top_k", "window", "stride", "block_size", "sinks", "dense_layers")
+    for s in (
+        "enable",
+        "top_k",
+        "window",
+        "stride",
+        "block_size",
+        "sinks",
+        "dense_layers",
+        "summaries",
+    )
 ]
 
 
@@ -200,6 +209,7 @@ def test_round_trip_set_show_unset(tmp_path: Path, alignment: int | None) -> Non
         "llama.sparsek.block_size": (GGUFType.UINT32, rec.block_size),
         "llama.sparsek.sinks": (GGUFType.UINT32, rec.sinks),
         "llama.sparsek.dense_layers": (GGUFType.UINT32, rec.dense_layers),
+        "llama.sparsek.summaries": (GGUFType.UINT32, rec.summaries),
     }
     assert new_meta == meta
 
@@ -213,6 +223,7 @@ def test_round_trip_set_show_unset(tmp_path: Path, alignment: int | None) -> Non
         "llama.sparsek.block_size": rec.block_size,
         "llama.sparsek.sinks": rec.sinks,
         "llama.sparsek.dense_layers": rec.dense_layers,
+        "llama.sparsek.summaries": rec.summaries,
     }
     text = cli("show", with_keys).output
     assert "* llama.sparsek.top_k" in text and f"top_k={rec.top_k}" in text

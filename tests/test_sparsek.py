@@ -164,19 +164,21 @@ def test_default_leaves_short_contexts_dense(smollm2_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("top_k", "window", "stride", "block_size"),
+    ("top_k", "window", "stride", "block_size", "summaries"),
     [
-        (16, 8, 0, 1),
-        (8, 4, 32, 1),
-        (1, 0, 0, 1),
-        (32, 16, 0, 16),
-        (16, 16, 0, 16),
-        (32, 8, 0, 8),
-        (32, 8, 64, 8),
+        (16, 8, 0, 1, 0),
+        (8, 4, 32, 1, 0),
+        (1, 0, 0, 1, 0),
+        (32, 16, 0, 16, 0),
+        (16, 16, 0, 16, 0),
+        (32, 8, 0, 8, 0),
+        (32, 8, 64, 8, 0),
+        (32, 8, 0, 8, 1),
+        (32, 16, 0, 16, 1),
     ],
 )
 def test_mask_matches_numpy_reference(
-    tiny_model: Path, top_k: int, window: int, stride: int, block_size: int
+    tiny_model: Path, top_k: int, window: int, stride: int, block_size: int, summaries: int
 ) -> None:
     captured: dict[str, np.ndarray] = {}
     wanted = {"Qcur-0", "Kcur-0", "sparsek_mask-0", "Qcur-1", "Kcur-1", "sparsek_mask-1"}
@@ -190,7 +192,12 @@ def test_mask_matches_numpy_reference(
     n = 250  # up to 48 keys kept: the last tokens drop keys, and the view stays 256 cells
     tokens = _tokens(n, seed=3)
     settings = SparseK(
-        top_k=top_k, window=window, stride=stride, block_size=block_size, dense_layers=0
+        top_k=top_k,
+        window=window,
+        stride=stride,
+        block_size=block_size,
+        dense_layers=0,
+        summaries=summaries,
     )
     # one ubatch of 16 tokens or more: BF16 scores on a CPU with AMX (patch 0037)
     info = _system_info()
@@ -211,9 +218,19 @@ def test_mask_matches_numpy_reference(
         mask = captured[f"sparsek_mask-{il}"].reshape(-1, N_KV_PAD)[:n]
         assert mask.shape == (n, N_KV_PAD)
         expected = ref.sparsek_mask(
-            q, k, base, positions[:n], positions, top_k, window, stride, rounding, block_size
+            q,
+            k,
+            base,
+            positions[:n],
+            positions,
+            top_k,
+            window,
+            stride,
+            rounding,
+            block_size,
+            bool(summaries),
         )
-        scores = ref.block_scores(q, k, block_size, rounding)
+        scores = ref.block_scores(q, k, block_size, rounding, bool(summaries))
         forced = ref.sparsek_forced(base, positions[:n], positions, window, stride)
         cand = ref.candidate_blocks(base, forced, block_size)
         n_top = top_k // block_size
@@ -248,16 +265,19 @@ def test_small_k_changes_output_deterministically(smollm2_path: Path) -> None:
     assert np.abs(runs[0] - want).max() > 1e-2
 
 
-def test_gguf_set_file_is_picked_up(smollm2_path: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("summaries", [0, 1])
+def test_gguf_set_file_is_picked_up(smollm2_path: Path, tmp_path: Path, summaries: int) -> None:
     """Settings injected into the file act exactly like the same kv_overrides."""
     edited = tmp_path / "smollm2-sparsek.gguf"
     values = {"top_k": 32, "window": 16, "stride": 0, "block_size": 8, "dense_layers": 1}
+    values["summaries"] = summaries
     gguf.set_sparsek(smollm2_path, **values, enable=True, out=edited)
     text = "The quick brown fox jumps over the lazy dog. " * 40
+    settings = SparseK(**values)
     with Llama(edited, n_ctx=1024, n_threads=2) as from_file:
+        assert from_file.sparsek == settings
         toks = from_file.tokenize(text)
         got = from_file.eval(toks)
-    settings = SparseK(**values)
     with Llama(smollm2_path, n_ctx=1024, n_threads=2, sparsek=settings) as overridden:
         want = overridden.eval(toks)
     with Llama(smollm2_path, n_ctx=1024, n_threads=2) as dense:
@@ -292,6 +312,25 @@ def test_gguf_set_file_is_picked_up(smollm2_path: Path, tmp_path: Path) -> None:
             },
             "window 8",
         ),
+        (
+            {
+                "llama.sparsek.enable": True,
+                "llama.sparsek.top_k": 32,
+                "llama.sparsek.window": 8,
+                "llama.sparsek.block_size": 8,
+                "llama.sparsek.summaries": 2,
+            },
+            "summaries 2",
+        ),
+        (
+            {
+                "llama.sparsek.enable": True,
+                "llama.sparsek.top_k": 32,
+                "llama.sparsek.block_size": 1,
+                "llama.sparsek.summaries": 1,
+            },
+            "summaries",
+        ),
     ],
 )
 def test_invalid_model_values_fail_the_context(
@@ -321,6 +360,8 @@ def _unchecked(**values: int) -> SparseK:
         ({"top_k": 24, "block_size": 16}, "block_size 16"),
         ({"top_k": 32, "window": 8, "block_size": 16}, "window 8"),
         ({"block_size": 0}, "block_size 0"),
+        ({"summaries": 3}, "summaries 3"),
+        ({"summaries": 1, "block_size": 1}, "summaries"),
     ],
 )
 def test_invalid_context_params_fail_the_context(

@@ -11,6 +11,10 @@ fewer keys than SparseK's threshold keeps them all, in a ubatch where the others
 (Before patch 0033 the whole ubatch's view decided: a prefix that ended below the threshold put
 the next tokens that were still below it in a sparse ubatch.)
 
+With block summaries (``SparseK.summaries``) the keys a query keeps depend only on the summaries
+of the blocks, which the KV cache rewrites with the keys they summarize: after a prefix in another
+ubatch and after a state file that holds no summaries (they are rebuilt from the keys) alike.
+
 A token decoded alone is compared only to float noise: with one row, the CPU weight mat muls
 take other kernels (GEMV instead of GEMM) and round differently even dense, by up to 0.8 in a
 logit of SmolLM2, so the last 64 tokens decoded one at a time must stay within twice the dense
@@ -35,6 +39,7 @@ from llama_sparsek._binding import ffi, lib
 SETTINGS = [
     SparseK(top_k=256, window=64, block_size=8),
     SparseK(top_k=256, window=64, stride=128, block_size=16, sinks=4),
+    SparseK(top_k=256, window=64, block_size=8, summaries=1),
 ]
 N_PROMPT = 2000
 # tokens in the last ubatch; after a prefix of 1,400 tokens, the next ubatch holds tokens that keep
@@ -55,6 +60,10 @@ def _code_text(n_def: int = 120, n_use: int = 200) -> str:
     lines = [f"def f_{i}(x):\n    return x * {i * 7919 % 1000} + {i}\n" for i in range(n_def)]
     lines += [f"y_{i} = f_{(i * 37) % n_def}(y_{i - 1})\n" for i in range(1, n_use)]
     return "".join(lines)
+
+
+def _setting_id(s: SparseK) -> str:
+    return f"k{s.top_k}-w{s.window}-s{s.stride}-b{s.block_size}" + ("-summaries" * s.summaries)
 
 
 def _last_logits(llm: Llama, chunks: Sequence[Sequence[int]]) -> np.ndarray:
@@ -91,9 +100,7 @@ def dense_noise(smollm2_path: Path) -> float:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "settings", SETTINGS, ids=lambda s: f"k{s.top_k}-w{s.window}-s{s.stride}-b{s.block_size}"
-)
+@pytest.mark.parametrize("settings", SETTINGS, ids=lambda s: _setting_id(s))
 def test_logits_do_not_depend_on_the_split(
     smollm2_path: Path, settings: SparseK, dense_noise: float
 ) -> None:
@@ -126,9 +133,7 @@ def test_default_logits_do_not_depend_on_a_prefix_below_the_threshold(smollm2_pa
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "settings", SETTINGS, ids=lambda s: f"k{s.top_k}-w{s.window}-s{s.stride}-b{s.block_size}"
-)
+@pytest.mark.parametrize("settings", SETTINGS, ids=lambda s: _setting_id(s))
 def test_tokens_decoded_one_at_a_time_stay_within_dense_noise(
     smollm2_path: Path, settings: SparseK, dense_noise: float
 ) -> None:
@@ -139,3 +144,21 @@ def test_tokens_decoded_one_at_a_time_stay_within_dense_noise(
     assert one_by_one.argmax() == whole.argmax()
     spread = _spread(one_by_one, whole)
     assert spread <= 2.0 * dense_noise, (spread, dense_noise)
+
+
+@pytest.mark.slow
+def test_summaries_are_rebuilt_after_a_state_load(smollm2_path: Path, tmp_path: Path) -> None:
+    # a state file holds the keys, not their summaries: a fresh context that loads it rebuilds
+    # them all, and the suffix then keeps the keys it keeps after the whole prompt
+    settings = SETTINGS[-1]
+    with Llama(smollm2_path, sparsek=settings, **OPTS) as llm:  # type: ignore[arg-type]
+        tokens = llm.tokenize(_code_text())[:N_PROMPT]
+        whole = _last_logits(llm, [tokens])
+        _last_logits(llm, [tokens[:-63]])
+        llm.save_state(tmp_path / "prefix.state")
+    with Llama(smollm2_path, sparsek=settings, **OPTS) as llm:  # type: ignore[arg-type]
+        llm.load_state(tmp_path / "prefix.state")
+        llm._decode(tokens[-63:], all_logits=False)
+        ptr = lib.llama_get_logits_ith(llm._live_ctx(), -1)
+        loaded = np.frombuffer(ffi.buffer(ptr, 4 * llm.n_vocab), dtype=np.float32).copy()
+    np.testing.assert_allclose(loaded, whole, atol=1e-4, rtol=0)
