@@ -26,11 +26,14 @@ DEFAULT_OUT = Path("eval-results")
 
 
 def parse_grid(text: str) -> tuple[SparseK, ...]:
-    """`top_k:window[:block_size]` items (block size 1 if omitted) separated by commas,
-    e.g. `256:128,128:64:16`."""
+    """`top_k:window[:block_size[:summaries]]` items (block size 1 if omitted; `summaries`
+    scores the blocks from their summaries) separated by commas, e.g.
+    `256:128,128:64:16,1536:256:8:summaries`."""
     items = [item.strip() for item in text.split(",")]
     if not text.strip() or not all(items):
-        raise ValueError(f"grid {text!r}: expected top_k:window[:block], comma-separated")
+        raise ValueError(
+            f"grid {text!r}: expected top_k:window[:block[:summaries]], comma-separated"
+        )
     settings = tuple(_parse_setting(item) for item in items)
     dupes = sorted({label(s) for s in settings if settings.count(s) > 1})
     if dupes:
@@ -40,15 +43,23 @@ def parse_grid(text: str) -> tuple[SparseK, ...]:
 
 def _parse_setting(item: str) -> SparseK:
     parts = item.split(":")
+    summaries = len(parts) == 4 and parts[3] == "summaries"
+    if summaries:
+        parts = parts[:3]
     if len(parts) not in (2, 3):
-        raise ValueError(f"grid item {item!r}: expected top_k:window[:block]")
+        raise ValueError(f"grid item {item!r}: expected top_k:window[:block[:summaries]]")
     try:
         numbers = [int(p) for p in parts]
     except ValueError:
         raise ValueError(f"grid item {item!r}: values must be integers") from None
     try:
         top_k, window, *block = numbers
-        return SparseK(top_k=top_k, window=window, block_size=block[0] if block else 1)
+        return SparseK(
+            top_k=top_k,
+            window=window,
+            block_size=block[0] if block else 1,
+            summaries=int(summaries),
+        )
     except ValueError as e:
         raise ValueError(f"grid item {item!r}: {e}") from None
 
@@ -95,7 +106,8 @@ def eval_command(
         typer.Option("--model", "-m", help="Registry name or GGUF path (repeatable)."),
     ] = None,
     grid: Annotated[
-        str, typer.Option(help="SparseK settings top_k:window[:block], comma-separated.")
+        str,
+        typer.Option(help="SparseK settings top_k:window[:block[:summaries]], comma-separated."),
     ] = DEFAULT_GRID,
     ctx: Annotated[
         list[str] | None,

@@ -30,7 +30,8 @@ def eval_tasks_command(
         str, typer.Option("--model", "-m", help="Registry name or GGUF path.")
     ] = models.DEFAULT_MODEL,
     grid: Annotated[
-        str, typer.Option(help="SparseK settings top_k:window[:block], comma-separated.")
+        str,
+        typer.Option(help="SparseK settings top_k:window[:block[:summaries]], comma-separated."),
     ] = SparseK().grid_item(),
     task_names: Annotated[
         str,

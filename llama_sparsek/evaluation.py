@@ -45,11 +45,12 @@ class EvalError(RuntimeError):
 
 
 def label(setting: SparseK | None) -> str:
-    """`dense`, or the setting as `k<top_k>/w<window>/b<block_size>[/s<stride>]`."""
+    """`dense`, or the setting as `k<top_k>/w<window>/b<block_size>[/s<stride>][/summaries]`."""
     if setting is None:
         return DENSE
     stride = "" if setting.stride == 0 else f"/s{setting.stride}"
-    return f"k{setting.top_k}/w{setting.window}/b{setting.block_size}{stride}"
+    summaries = "/summaries" if setting.summaries else ""
+    return f"k{setting.top_k}/w{setting.window}/b{setting.block_size}{stride}{summaries}"
 
 
 def kept_keys(setting: SparseK, n_keys: int) -> int:

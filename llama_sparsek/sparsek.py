@@ -101,9 +101,10 @@ class SparseK:
         return asdict(self)
 
     def grid_item(self) -> str:
-        """`top_k:window:block_size`, an item of the grids of `eval` and `eval-tasks` (the other
-        settings take their defaults there)."""
-        return f"{self.top_k}:{self.window}:{self.block_size}"
+        """`top_k:window:block_size[:summaries]`, an item of the grids of `eval` and
+        `eval-tasks` (the other settings take their defaults there)."""
+        summaries = ":summaries" if self.summaries else ""
+        return f"{self.top_k}:{self.window}:{self.block_size}{summaries}"
 
     def kv_overrides(self, arch: str) -> dict[str, bool | int]:
         """The llama.cpp kv_overrides that enable these settings for a model of `arch`."""

@@ -63,8 +63,15 @@ def _app() -> typer.Typer:
 
 
 def test_grid_item_round_trips_and_the_default_grids_start_with_the_default() -> None:
-    for setting in (SparseK(), SparseK(64, 8, block_size=8), SparseK(5, 0, block_size=1)):
+    settings = (
+        SparseK(),
+        SparseK(64, 8, block_size=8),
+        SparseK(5, 0, block_size=1),
+        SparseK(summaries=1),
+    )
+    for setting in settings:
         assert parse_grid(setting.grid_item()) == (setting,)
+    assert label(SparseK(summaries=1)) == "k1536/w256/b8/summaries"
     assert parse_grid(DEFAULT_GRID)[0] == SparseK()
     default_tasks_grid = inspect.signature(eval_tasks_command).parameters["grid"].default
     assert parse_grid(default_tasks_grid) == (SparseK(),)
@@ -100,6 +107,8 @@ def test_parse_grid_reads_top_k_window_and_optional_block() -> None:
         "256:128:0",
         "256:128:48",
         "1:2:3:4",
+        "256:128:8:summary",
+        "256:128:1:summaries",
         "256:128,",
         "256:128,256:128",
     ],
