@@ -71,6 +71,11 @@ def _last_logits(llm: Llama, chunks: Sequence[Sequence[int]]) -> np.ndarray:
     llm.reset()
     for chunk in chunks:
         llm._decode(chunk, all_logits=False)
+    return _logits_now(llm)
+
+
+def _logits_now(llm: Llama) -> np.ndarray:
+    """The logits after the last token decoded."""
     ptr = lib.llama_get_logits_ith(llm._live_ctx(), -1)
     return np.frombuffer(ffi.buffer(ptr, 4 * llm.n_vocab), dtype=np.float32).copy()
 
@@ -159,6 +164,5 @@ def test_summaries_are_rebuilt_after_a_state_load(smollm2_path: Path, tmp_path: 
     with Llama(smollm2_path, sparsek=settings, **OPTS) as llm:  # type: ignore[arg-type]
         llm.load_state(tmp_path / "prefix.state")
         llm._decode(tokens[-63:], all_logits=False)
-        ptr = lib.llama_get_logits_ith(llm._live_ctx(), -1)
-        loaded = np.frombuffer(ffi.buffer(ptr, 4 * llm.n_vocab), dtype=np.float32).copy()
+        loaded = _logits_now(llm)
     np.testing.assert_allclose(loaded, whole, atol=1e-4, rtol=0)
