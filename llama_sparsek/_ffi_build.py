@@ -89,6 +89,7 @@ struct llama_context_params {
     int32_t sparsek_sinks;
     int32_t sparsek_dense_layers;
     int32_t sparsek_summaries;
+    int32_t sparsek_grow_top_k;
     ...;
 };
 
@@ -101,6 +102,7 @@ struct llama_sparsek_params {
     int32_t sinks;
     int32_t dense_layers;
     int32_t summaries;
+    int32_t grow_top_k;
     ...;
 };
 

@@ -15,7 +15,7 @@ import typer
 
 from llama_sparsek import corpus, models
 from llama_sparsek.evaluation import EvalConfig, EvalError, label
-from llama_sparsek.sparsek import SparseK
+from llama_sparsek.sparsek import GRID_FLAGS, GRID_ITEM, SparseK
 
 # the default first, then the previous default and exact keys
 DEFAULT_GRID = f"{SparseK().grid_item()},1280:256:8,512:128:1"
@@ -26,14 +26,13 @@ DEFAULT_OUT = Path("eval-results")
 
 
 def parse_grid(text: str) -> tuple[SparseK, ...]:
-    """`top_k:window[:block_size[:summaries]]` items (block size 1 if omitted; `summaries`
-    scores the blocks from their summaries) separated by commas, e.g.
-    `256:128,128:64:16,1536:256:8:summaries`."""
+    """`top_k:window[:block_size[:summaries][:grow]]` items (block size 1 if omitted;
+    `summaries` scores the blocks from their summaries, `grow` lets top_k grow with the keys a
+    query sees: a switch an item does not name is off) separated by commas, e.g.
+    `256:128,128:64:16,1536:256:8:summaries:grow`."""
     items = [item.strip() for item in text.split(",")]
     if not text.strip() or not all(items):
-        raise ValueError(
-            f"grid {text!r}: expected top_k:window[:block[:summaries]], comma-separated"
-        )
+        raise ValueError(f"grid {text!r}: expected {GRID_ITEM}, comma-separated")
     settings = tuple(_parse_setting(item) for item in items)
     dupes = sorted({label(s) for s in settings if settings.count(s) > 1})
     if dupes:
@@ -43,11 +42,10 @@ def parse_grid(text: str) -> tuple[SparseK, ...]:
 
 def _parse_setting(item: str) -> SparseK:
     parts = item.split(":")
-    summaries = len(parts) == 4 and parts[3] == "summaries"
-    if summaries:
-        parts = parts[:3]
-    if len(parts) not in (2, 3):
-        raise ValueError(f"grid item {item!r}: expected top_k:window[:block[:summaries]]")
+    flags = parts[3:]
+    parts = parts[:3]
+    if len(parts) < 2 or len(set(flags)) < len(flags) or not set(flags) <= set(GRID_FLAGS):
+        raise ValueError(f"grid item {item!r}: expected {GRID_ITEM}")
     try:
         numbers = [int(p) for p in parts]
     except ValueError:
@@ -58,7 +56,7 @@ def _parse_setting(item: str) -> SparseK:
             top_k=top_k,
             window=window,
             block_size=block[0] if block else 1,
-            summaries=int(summaries),
+            **{name: int(flag in flags) for flag, name in GRID_FLAGS.items()},
         )
     except ValueError as e:
         raise ValueError(f"grid item {item!r}: {e}") from None
@@ -107,7 +105,7 @@ def eval_command(
     ] = None,
     grid: Annotated[
         str,
-        typer.Option(help="SparseK settings top_k:window[:block[:summaries]], comma-separated."),
+        typer.Option(help=f"SparseK settings {GRID_ITEM}, comma-separated."),
     ] = DEFAULT_GRID,
     ctx: Annotated[
         list[str] | None,

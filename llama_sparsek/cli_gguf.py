@@ -126,6 +126,14 @@ def set_(
             "cache; 0: by their best key."
         ),
     ] = None,
+    grow_top_k: Annotated[
+        int | None,
+        typer.Option(
+            "--grow-top-k",
+            help="1: top_k grows as the square root of the keys a query sees, past where "
+            "SparseK starts; 0: fixed.",
+        ),
+    ] = None,
     enable: Annotated[
         bool | None,
         typer.Option(
@@ -151,8 +159,8 @@ def set_(
     with _errors():
         info = read_metadata(file)
         updates: dict[str, Update] = {}
-        given = (top_k, window, stride, block_size, sinks, dense_layers, summaries, enable)
-        if any(v is not None for v in given):
+        counts = (top_k, window, stride, block_size, sinks, dense_layers, summaries, grow_top_k)
+        if enable is not None or any(v is not None for v in counts):
             updates = sparsek_updates(
                 info,
                 top_k=top_k,
@@ -162,6 +170,7 @@ def set_(
                 sinks=sinks,
                 dense_layers=dense_layers,
                 summaries=summaries,
+                grow_top_k=grow_top_k,
                 enable=enable,
             )
         for spec in kv or ():
@@ -172,7 +181,7 @@ def set_(
         if not updates:
             raise GGUFError(
                 "nothing to set: give --top-k, --window, --stride, --block-size, --sinks, "
-                "--dense-layers, --summaries, --enable, --kv"
+                "--dense-layers, --summaries, --grow-top-k, --enable, --kv"
             )
         result = edit_metadata(info, updates, out=out, in_place=in_place, dry_run=dry_run)
     _report(result)

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Annotated, cast
 import typer
 
 from llama_sparsek import corpus, models
-from llama_sparsek.sparsek import SparseK
+from llama_sparsek.sparsek import GRID_ITEM, SparseK
 
 if TYPE_CHECKING:
     from llama_sparsek.tasks import ChatModel, Outcome
@@ -31,7 +31,7 @@ def eval_tasks_command(
     ] = models.DEFAULT_MODEL,
     grid: Annotated[
         str,
-        typer.Option(help="SparseK settings top_k:window[:block[:summaries]], comma-separated."),
+        typer.Option(help=f"SparseK settings {GRID_ITEM}, comma-separated."),
     ] = SparseK().grid_item(),
     task_names: Annotated[
         str,

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from llama_sparsek.sparsek import SparseK, tool_flags
+from llama_sparsek.sparsek import GRID_FLAGS, SparseK, tool_flags
 
 if TYPE_CHECKING:
     from llama_sparsek.llama import Llama
@@ -45,20 +45,44 @@ class EvalError(RuntimeError):
 
 
 def label(setting: SparseK | None) -> str:
-    """`dense`, or the setting as `k<top_k>/w<window>/b<block_size>[/s<stride>][/summaries]`."""
+    """`dense`, or the setting as
+    `k<top_k>/w<window>/b<block_size>[/s<stride>][/summaries][/grow]`."""
     if setting is None:
         return DENSE
     stride = "" if setting.stride == 0 else f"/s{setting.stride}"
-    summaries = "/summaries" if setting.summaries else ""
-    return f"k{setting.top_k}/w{setting.window}/b{setting.block_size}{stride}{summaries}"
+    flags = "".join(f"/{name}" for name, on in GRID_FLAGS.items() if getattr(setting, on))
+    return f"k{setting.top_k}/w{setting.window}/b{setting.block_size}{stride}{flags}"
+
+
+def dense_max(setting: SparseK) -> int | None:
+    """The most keys a query can see and still keep them all (llama.cpp's
+    `llama_sparsek_cparams::n_dense_max`, a closed form of `sparsek_applies` with a fixed top_k);
+    None where no query drops keys (a stride of 5 or less keeps 20% of the keys or more)."""
+    fixed = setting.top_k + max(1, setting.window + setting.sinks)
+    if setting.stride == 0:
+        return 5 * fixed
+    if setting.stride <= 5:
+        return None
+    return 5 * (fixed + 1) * setting.stride // (setting.stride - 5)
+
+
+def top_k_at(setting: SparseK, n_keys: int) -> int:
+    """The keys a query that sees n_keys keys keeps by their scores: top_k, or with grow_top_k
+    past `dense_max` n0 top_k * sqrt(n_keys / n0), rounded down to whole blocks (llama.cpp's
+    `llama_sparsek_cparams::top_k_at`)."""
+    start = dense_max(setting)
+    if not setting.grow_top_k or start is None or n_keys <= start:
+        return setting.top_k
+    grown = setting.top_k * math.sqrt(n_keys / start)
+    return int(grown / setting.block_size) * setting.block_size
 
 
 def kept_keys(setting: SparseK, n_keys: int) -> int:
-    """At most how many of n_keys keys a query keeps: top_k + window + the strided keys + the
-    sinks, or top_k + its first key without any of these (llama.cpp's n_kv_max hint)."""
+    """At most how many of n_keys keys a query keeps: `top_k_at` + window + the strided keys +
+    the sinks, or `top_k_at` + its first key without any of these (llama.cpp's n_kv_max hint)."""
     strided = -(-n_keys // setting.stride) if setting.stride > 0 else 0
     forced = max(1, setting.window + strided + setting.sinks)
-    return min(n_keys, setting.top_k + min(n_keys, forced))
+    return min(n_keys, top_k_at(setting, n_keys) + min(n_keys, forced))
 
 
 def sparsek_applies(setting: SparseK, n_keys: int) -> bool:
@@ -237,13 +261,12 @@ class Report:
 
 
 def _variant_from_json(v: dict[str, Any]) -> VariantResult:
-    # reports older than the sinks, dense layers and summaries ran without them
+    # reports older than the sinks, dense layers, summaries and growth ran without them
+    older = {"sinks": 0, "dense_layers": 0, "summaries": 0, "grow_top_k": 0}
     setting = v["setting"]
     return VariantResult(
         v["label"],
-        None
-        if setting is None
-        else SparseK(**({"sinks": 0, "dense_layers": 0, "summaries": 0} | setting)),
+        None if setting is None else SparseK(**(older | setting)),
         [Perplexity(**p) for p in v["perplexity"]],
         None if v["agreement"] is None else Agreement(**v["agreement"]),
         [Speed(**s) for s in v["speed"]],
@@ -365,6 +388,7 @@ def parse_bench(output: str, setting: SparseK | None = None) -> list[Speed]:
                 r.get("sparsek_sinks", 0),
                 r.get("sparsek_dense_layers", 0),
                 r.get("sparsek_summaries", 0),
+                r.get("sparsek_grow_top_k", 0),
             )
             if r["sparsek"]
             else None

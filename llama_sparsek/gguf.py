@@ -44,6 +44,7 @@ from llama_sparsek.sparsek import (
     KEY_BLOCK_SIZE,
     KEY_DENSE_LAYERS,
     KEY_ENABLE,
+    KEY_GROW_TOP_K,
     KEY_SINKS,
     KEY_STRIDE,
     KEY_SUFFIXES,
@@ -642,6 +643,7 @@ def set_sparsek(
     sinks: int | None = None,
     dense_layers: int | None = None,
     summaries: int | None = None,
+    grow_top_k: int | None = None,
     enable: bool | None = None,
     out: str | os.PathLike[str] | None = None,
     in_place: bool = False,
@@ -658,6 +660,7 @@ def set_sparsek(
         sinks=sinks,
         dense_layers=dense_layers,
         summaries=summaries,
+        grow_top_k=grow_top_k,
         enable=enable,
     )
     return edit_metadata(info, updates, out=out, in_place=in_place, dry_run=dry_run)
@@ -688,6 +691,7 @@ def sparsek_updates(
     sinks: int | None = None,
     dense_layers: int | None = None,
     summaries: int | None = None,
+    grow_top_k: int | None = None,
     enable: bool | None = None,
 ) -> dict[str, Update]:
     """The updates that write the given SparseK settings under the file's architecture.
@@ -704,6 +708,7 @@ def sparsek_updates(
         KEY_SINKS: sinks,
         KEY_DENSE_LAYERS: dense_layers,
         KEY_SUMMARIES: summaries,
+        KEY_GROW_TOP_K: grow_top_k,
     }
     if enable is True and all(v is None for v in settings.values()):
         settings = dict(recommended(arch).values())
@@ -716,7 +721,7 @@ def sparsek_updates(
     if not updates:
         raise GGUFError(
             "nothing to set: give top_k, window, stride, block_size, sinks, dense_layers, "
-            "summaries or enable"
+            "summaries, grow_top_k or enable"
         )
     return updates
 

@@ -270,6 +270,7 @@ class Llama:
             cparams.sparsek_sinks = sparsek.sinks
             cparams.sparsek_dense_layers = sparsek.dense_layers
             cparams.sparsek_summaries = sparsek.summaries
+            cparams.sparsek_grow_top_k = sparsek.grow_top_k
         if self._cb_eval is not None:
             cparams.cb_eval = lib._llama_sparsek_eval
             cparams.cb_eval_user_data = self._cb_eval
@@ -291,6 +292,7 @@ class Llama:
                 resolved.sinks,
                 resolved.dense_layers,
                 resolved.summaries,
+                resolved.grow_top_k,
             )
             if resolved.enabled
             else None

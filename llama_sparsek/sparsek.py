@@ -14,6 +14,7 @@ KEY_BLOCK_SIZE = "block_size"
 KEY_SINKS = "sinks"
 KEY_DENSE_LAYERS = "dense_layers"
 KEY_SUMMARIES = "summaries"
+KEY_GROW_TOP_K = "grow_top_k"
 KEY_SUFFIXES = (
     KEY_ENABLE,
     KEY_TOP_K,
@@ -23,6 +24,7 @@ KEY_SUFFIXES = (
     KEY_SINKS,
     KEY_DENSE_LAYERS,
     KEY_SUMMARIES,
+    KEY_GROW_TOP_K,
 )
 # the largest value the patched llama.cpp accepts (INT32_MAX/4: sums of them stay in int32)
 MAX_VALUE = (2**31 - 1) // 4
@@ -79,6 +81,12 @@ class SparseK:
     max and min of its keys (as in Quest), which llama.cpp keeps next to the KV cache and writes
     with the keys: a query reads ``n_kv / block_size`` summaries instead of every key, which
     makes the selection cheaper and less exact (README, "Block summaries"). 0 scores every key.
+
+    ``grow_top_k`` 1 lets ``top_k`` grow with the keys a query sees: past the ``n0`` keys where
+    SparseK starts dropping keys, a query that sees ``n`` keeps ``top_k * sqrt(n / n0)`` of them
+    (rounded down to whole blocks; `evaluation.top_k_at`), so that a longer context keeps more
+    of its far keys at a cost that still grows slower than the keys. 0 keeps ``top_k`` at every
+    length.
     """
 
     top_k: int = 1536
@@ -88,6 +96,7 @@ class SparseK:
     sinks: int = 0
     dense_layers: int = 1
     summaries: int = 0
+    grow_top_k: int = 1
 
     def __post_init__(self) -> None:
         for name, value in self.values().items():
@@ -101,10 +110,11 @@ class SparseK:
         return asdict(self)
 
     def grid_item(self) -> str:
-        """`top_k:window:block_size[:summaries]`, an item of the grids of `eval` and
-        `eval-tasks` (the other settings take their defaults there)."""
-        summaries = ":summaries" if self.summaries else ""
-        return f"{self.top_k}:{self.window}:{self.block_size}{summaries}"
+        """`top_k:window:block_size[:summaries][:grow]`, an item of the grids of `eval` and
+        `eval-tasks` (the switches that are on by name; the other settings take their defaults
+        there)."""
+        flags = [name for name, on in GRID_FLAGS.items() if getattr(self, on)]
+        return ":".join([str(self.top_k), str(self.window), str(self.block_size), *flags])
 
     def kv_overrides(self, arch: str) -> dict[str, bool | int]:
         """The llama.cpp kv_overrides that enable these settings for a model of `arch`."""
@@ -113,6 +123,10 @@ class SparseK:
             overrides[sparsek_key(arch, suffix)] = value
         return overrides
 
+
+# the switches a grid item turns on by name after top_k:window:block_size (`1536:256:8:grow`)
+GRID_FLAGS = {"summaries": KEY_SUMMARIES, "grow": KEY_GROW_TOP_K}
+GRID_ITEM = "top_k:window[:block[:summaries][:grow]]"
 
 # the smallest value each setting accepts
 _MIN_VALUE = {
@@ -123,9 +137,10 @@ _MIN_VALUE = {
     KEY_SINKS: 0,
     KEY_DENSE_LAYERS: 0,
     KEY_SUMMARIES: 0,
+    KEY_GROW_TOP_K: 0,
 }
 # the largest value of the settings that are switches rather than counts
-_MAX_SWITCH = {KEY_SUMMARIES: 1}
+_MAX_SWITCH = {KEY_SUMMARIES: 1, KEY_GROW_TOP_K: 1}
 
 
 def validate_value(name: str, value: object) -> None:
@@ -164,11 +179,12 @@ def recommended(arch: str | None = None) -> SparseK:
     on SmolLM2-135M (README, "Quality across corpora"): the rule is the worst corpus, not the
     average - within 2% perplexity of dense attention on every corpus that chooses (prose,
     verse, Python code, reStructuredText docs; 8k context, two windows), confirmed on one kept
-    aside (a play), and on every corpus's Pareto front (`llama-sparsek eval-pareto`). It does
-    not grow with the context: from 16k on pass about a tenth of the context as top_k (the 32k
-    needle needs it, README "Retrieval and aggregation"). A query drops keys only where it
-    keeps less than 20% of them (here from 8,961 keys on, the measured break-even of the
-    prefill), so short prompts stay dense.
+    aside (a play), and on every corpus's Pareto front (`llama-sparsek eval-pareto`). A query
+    drops keys only where it keeps less than 20% of them (here from 8,961 keys on, the measured
+    break-even of the prefill), so short prompts stay dense; past that top_k grows with the
+    square root of the keys a query sees (`grow_top_k`): a fixed top_k lost 2.5% perplexity on
+    verse at 16k on Qwen2.5-Coder-0.5B and needle retrieval at 32k (README, "A top_k that grows
+    with the context").
     """
     del arch  # one setting for every architecture until measurements say otherwise
     return SparseK()
@@ -195,6 +211,7 @@ def from_options(
     sinks: int | None = None,
     dense_layers: int | None = None,
     summaries: int | None = None,
+    grow_top_k: int | None = None,
 ) -> SparseK | None:
     """The settings command-line options ask for: the recommended ones with the given values on
     top, or None when SparseK is off (ValueError for values without SparseK, or out of range)."""
@@ -206,6 +223,7 @@ def from_options(
         "sinks": sinks,
         "dense_layers": dense_layers,
         "summaries": summaries,
+        "grow_top_k": grow_top_k,
     }
     chosen = {k: v for k, v in given.items() if v is not None}
     if not enabled:

@@ -101,6 +101,16 @@ def uses_sparsek(n_allowed: int, top_k: int, window: int, stride: int) -> bool:
     return 5 * n_kv_max(n_allowed, top_k, window, stride) < n_allowed
 
 
+def top_k_at(n_allowed: int, top_k: int, window: int, block_size: int, grow: bool) -> int:
+    """The keys a row that allows n_allowed keys keeps by their scores (stride 0): ``top_k``, or
+    with ``grow`` past n0 = 5 * (top_k + max(1, window)), the most keys a row keeps all of,
+    ``top_k * sqrt(n_allowed / n0)`` rounded down to whole blocks (``SparseK.grow_top_k``)."""
+    n0 = 5 * (top_k + max(1, window))
+    if not grow or n_allowed <= n0:
+        return top_k
+    return int(top_k * np.sqrt(n_allowed / n0) / block_size) * block_size
+
+
 def sparsek_forced(
     base_mask: np.ndarray,
     positions_q: np.ndarray,
@@ -252,8 +262,10 @@ def sparsek_mask(
     rounding: Rounding = None,
     block_size: int = 1,
     summaries: bool = False,
+    grow: bool = False,
 ) -> np.ndarray:
-    """The SparseK mask (n_tokens, n_kv) float32 of one layer; see the module doc for shapes."""
+    """The SparseK mask (n_tokens, n_kv) float32 of one layer; see the module doc for shapes.
+    With ``grow`` (stride 0 only) each row keeps its own ``top_k_at`` of keys by score."""
     base_mask = np.asarray(base_mask, dtype=np.float32)
     n_tokens, n_kv = base_mask.shape
     if q.shape[0] != n_tokens or k.shape[0] != n_kv:
@@ -263,8 +275,13 @@ def sparsek_mask(
     if top_k <= 0 or block_size <= 0 or top_k % block_size != 0:
         raise ValueError("top_k must be > 0 and a multiple of block_size")
 
+    if grow and stride != 0:
+        raise ValueError("the reference grows top_k with stride 0 only")
+
     allowed = np.isfinite(base_mask).sum(axis=1)
-    sparse = np.array([uses_sparsek(int(n), top_k, window, stride) for n in allowed], dtype=bool)
+    budget = np.array([top_k_at(int(n), top_k, window, block_size, grow) for n in allowed])
+    pairs = zip(allowed, budget, strict=True)
+    sparse = np.array([uses_sparsek(int(n), int(b), window, stride) for n, b in pairs], dtype=bool)
     if not sparse.any():
         return base_mask.copy()
 
@@ -272,10 +289,11 @@ def sparsek_mask(
     cand = candidate_blocks(base_mask, forced, block_size)
     scores = np.where(cand, block_scores(q, k, block_size, rounding, summaries), -np.inf)
 
-    # the top_k / block_size best candidate blocks per row; ties -> lower block index
-    order = np.argsort(-scores, axis=1, kind="stable")[:, : top_k // block_size]
-    picked = np.zeros_like(cand)
-    np.put_along_axis(picked, order, True, axis=1)
+    # the budget / block_size best candidate blocks per row; ties -> lower block index
+    order = np.argsort(-scores, axis=1, kind="stable")
+    rank = np.empty_like(order)
+    np.put_along_axis(rank, order, np.arange(order.shape[1])[None, :], axis=1)
+    picked = rank < (budget // block_size)[:, None]
     # picks beyond the number of candidates land on non-candidates, which keep nothing
     picked &= cand
 
@@ -291,23 +309,25 @@ def compare_kept(
     mask_ref: np.ndarray,
     scores: np.ndarray,
     cand: np.ndarray,
-    n_top: int,
+    n_top: int | np.ndarray,
     block_size: int,
     tol: float,
 ) -> list[tuple[int, int]]:
     """(row, key) pairs where two SparseK masks keep different keys and the difference is not a
     selection boundary tie: a mismatch is tolerated only for a key of a candidate block whose score
     is within ``tol`` of the row's n_top-th best candidate score (``scores`` and ``cand`` as from
-    ``block_scores`` and ``candidate_blocks``, n_top = top_k // block_size)."""
+    ``block_scores`` and ``candidate_blocks``, n_top = top_k // block_size, or per row)."""
     kept = np.isfinite(np.asarray(mask, dtype=np.float32))
     kept_ref = np.isfinite(np.asarray(mask_ref, dtype=np.float32))
     masked = np.where(cand, scores, -np.inf)
+    n_tops = np.broadcast_to(n_top, (len(masked),))
     bad = []
     for i, j in zip(*np.nonzero(kept != kept_ref), strict=True):
         b = j // block_size
         row = masked[i]
-        if b < len(row) and np.isfinite(row[b]) and int(np.isfinite(row).sum()) > n_top:
-            kth = np.sort(row)[::-1][n_top - 1]
+        n = int(n_tops[i])
+        if b < len(row) and np.isfinite(row[b]) and int(np.isfinite(row).sum()) > n:
+            kth = np.sort(row)[::-1][n - 1]
             if abs(row[b] - kth) <= tol:
                 continue
         bad.append((int(i), int(j)))

@@ -7,6 +7,7 @@ import inspect
 import json
 import math
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +37,7 @@ from llama_sparsek.evaluation import (
     VariantResult,
     _notes,
     agreement,
+    dense_max,
     greedy,
     kept_share,
     label,
@@ -43,6 +45,7 @@ from llama_sparsek.evaluation import (
     perplexity,
     prompts,
     sparsek_applies,
+    top_k_at,
     windows,
 )
 from llama_sparsek.llama import Llama
@@ -68,10 +71,14 @@ def test_grid_item_round_trips_and_the_default_grids_start_with_the_default() ->
         SparseK(64, 8, block_size=8),
         SparseK(5, 0, block_size=1),
         SparseK(summaries=1),
+        SparseK(grow_top_k=1),
+        SparseK(summaries=1, grow_top_k=1),
     )
     for setting in settings:
         assert parse_grid(setting.grid_item()) == (setting,)
-    assert label(SparseK(summaries=1)) == "k1536/w256/b8/summaries"
+    assert label(SparseK(summaries=1, grow_top_k=0)) == "k1536/w256/b8/summaries"
+    assert label(SparseK(summaries=1)) == "k1536/w256/b8/summaries/grow"
+    assert parse_grid("1536:256:8:grow:summaries") == (SparseK(summaries=1, grow_top_k=1),)
     assert parse_grid(DEFAULT_GRID)[0] == SparseK()
     default_tasks_grid = inspect.signature(eval_tasks_command).parameters["grid"].default
     assert parse_grid(default_tasks_grid) == (SparseK(),)
@@ -79,7 +86,11 @@ def test_grid_item_round_trips_and_the_default_grids_start_with_the_default() ->
 
 def test_parse_grid_reads_top_k_window_and_optional_block() -> None:
     grid = parse_grid("256:128, 128:64:16")
-    assert grid == (SparseK(256, 128, block_size=1), SparseK(128, 64, block_size=16))
+    # a switch that an item does not name is off
+    assert grid == (
+        SparseK(256, 128, block_size=1, grow_top_k=0),
+        SparseK(128, 64, block_size=16, grow_top_k=0),
+    )
     assert [label(s) for s in grid] == ["k256/w128/b1", "k128/w64/b16"]
     assert grid[0].kv_overrides("llama")["llama.sparsek.block_size"] == 1
     assert grid[1].kv_overrides("qwen2") == {
@@ -91,6 +102,7 @@ def test_parse_grid_reads_top_k_window_and_optional_block() -> None:
         "qwen2.sparsek.sinks": 0,
         "qwen2.sparsek.dense_layers": 1,  # the defaults, which a grid entry does not name
         "qwen2.sparsek.summaries": 0,
+        "qwen2.sparsek.grow_top_k": 0,
     }
 
 
@@ -109,6 +121,8 @@ def test_parse_grid_reads_top_k_window_and_optional_block() -> None:
         "1:2:3:4",
         "256:128:8:summary",
         "256:128:1:summaries",
+        "256:128:8:grow:grow",
+        "256:128:grow",
         "256:128,",
         "256:128,256:128",
     ],
@@ -227,6 +241,25 @@ def test_sparsek_applies_where_the_reference_says() -> None:
             assert sparsek_applies(setting, n_keys) == want, (setting, n_keys)
 
 
+def test_top_k_grows_as_the_reference_says() -> None:
+    # the default grows from 8,960 keys on: 1536 * sqrt(n / 8960) in blocks of 8
+    grown = SparseK()
+    assert [top_k_at(grown, n) for n in (1000, 8960, 16384, 32768)] == [1536, 1536, 2072, 2936]
+    assert top_k_at(SparseK(grow_top_k=0), 32768) == 1536
+    for setting in (SparseK(64, 32, grow_top_k=1), SparseK(96, 16, block_size=8, grow_top_k=1)):
+        for n_keys in range(1, 8193):
+            budget = ref.top_k_at(n_keys, setting.top_k, setting.window, setting.block_size, True)
+            assert top_k_at(setting, n_keys) == budget, (setting, n_keys)
+            want = ref.uses_sparsek(n_keys, budget, setting.window, setting.stride)
+            assert sparsek_applies(setting, n_keys) == want, (setting, n_keys)
+    # with a stride, past the start a query still drops keys with the grown top_k
+    strided = SparseK(64, 16, stride=40, block_size=8, grow_top_k=1)
+    start = dense_max(strided)
+    assert start is not None
+    assert all(sparsek_applies(strided, n) for n in range(start + 1, 16 * start))
+    assert top_k_at(strided, 16 * start) == 256
+
+
 def _report(sparse_ppl: dict[int, float], setting: SparseK) -> Report:
     """One model: dense with perplexity 10 at each context, and `setting` with `sparse_ppl`."""
 
@@ -271,12 +304,16 @@ def test_sparsek_runs_exactly_where_sparsek_applies_says(tiny_model: Path) -> No
 
 def test_kept_share_is_the_mean_share_over_the_scored_half() -> None:
     # 64 + 32 keys kept: every query of the scored half (513+ keys) drops keys
-    setting = SparseK(64, 32, dense_layers=0)
+    setting = SparseK(64, 32, dense_layers=0, grow_top_k=0)
     seen = np.arange(512, 1024) + 1
     assert kept_share(setting, 1024) == pytest.approx(float(np.mean(96 / seen)))
+    # with growth, 64 * sqrt(seen / 480) in blocks of 8, + 32
+    grown = replace(setting, grow_top_k=1)
+    top_k = np.floor(64 * np.sqrt(seen / 480) / 8) * 8
+    assert kept_share(grown, 1024) == pytest.approx(float(np.mean((top_k + 32) / seen)))
     # a query that would keep 20% of its keys or more keeps them all
     assert kept_share(SparseK(448, 64, dense_layers=0), 1024) == 1.0  # 512 of up to 1024
-    mixed = SparseK(128, 32, dense_layers=0)  # 160 kept: queries that see up to 800 keep all
+    mixed = SparseK(128, 32, dense_layers=0, grow_top_k=0)  # queries that see up to 800 keep all
     want = (288 + float(np.sum(160 / (np.arange(800, 1024) + 1)))) / 512
     assert kept_share(mixed, 1024) == pytest.approx(want)
 
@@ -381,7 +418,8 @@ def test_parse_bench_checks_the_settings_llama_bench_ran() -> None:
     dense = DENSE_RECORD
     sparse = dense | {"sparsek": True, "sparsek_top_k": 64, "sparsek_window": 32}
     sparse["sparsek_block_size"] = 8
-    sparse["sparsek_dense_layers"] = 1  # SparseK's default
+    sparse["sparsek_dense_layers"] = 1  # SparseK's defaults
+    sparse["sparsek_grow_top_k"] = 1
     setting = SparseK(64, 32, block_size=8)
     with pytest.raises(EvalError, match="no SparseK settings"):
         parse_bench(json.dumps([record]), None)
@@ -412,6 +450,8 @@ def test_sparsek_flags_force_dense_or_the_setting() -> None:
         "1",
         "--sparsek-summaries",
         "0",
+        "--sparsek-grow-top-k",
+        "1",
     ]
 
 

@@ -45,6 +45,7 @@ SPARSEK_KEYS = [
         "sinks",
         "dense_layers",
         "summaries",
+        "grow_top_k",
     )
 ]
 
@@ -210,6 +211,7 @@ def test_round_trip_set_show_unset(tmp_path: Path, alignment: int | None) -> Non
         "llama.sparsek.sinks": (GGUFType.UINT32, rec.sinks),
         "llama.sparsek.dense_layers": (GGUFType.UINT32, rec.dense_layers),
         "llama.sparsek.summaries": (GGUFType.UINT32, rec.summaries),
+        "llama.sparsek.grow_top_k": (GGUFType.UINT32, rec.grow_top_k),
     }
     assert new_meta == meta
 
@@ -224,6 +226,7 @@ def test_round_trip_set_show_unset(tmp_path: Path, alignment: int | None) -> Non
         "llama.sparsek.sinks": rec.sinks,
         "llama.sparsek.dense_layers": rec.dense_layers,
         "llama.sparsek.summaries": rec.summaries,
+        "llama.sparsek.grow_top_k": rec.grow_top_k,
     }
     text = cli("show", with_keys).output
     assert "* llama.sparsek.top_k" in text and f"top_k={rec.top_k}" in text

@@ -164,21 +164,31 @@ def test_default_leaves_short_contexts_dense(smollm2_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("top_k", "window", "stride", "block_size", "summaries"),
+    ("top_k", "window", "stride", "block_size", "summaries", "grow"),
     [
-        (16, 8, 0, 1, 0),
-        (8, 4, 32, 1, 0),
-        (1, 0, 0, 1, 0),
-        (32, 16, 0, 16, 0),
-        (16, 16, 0, 16, 0),
-        (32, 8, 0, 8, 0),
-        (32, 8, 64, 8, 0),
-        (32, 8, 0, 8, 1),
-        (32, 16, 0, 16, 1),
+        (16, 8, 0, 1, 0, 0),
+        (8, 4, 32, 1, 0, 0),
+        (1, 0, 0, 1, 0, 0),
+        (32, 16, 0, 16, 0, 0),
+        (16, 16, 0, 16, 0, 0),
+        (32, 8, 0, 8, 0, 0),
+        (32, 8, 64, 8, 0, 0),
+        (32, 8, 0, 8, 1, 0),
+        (32, 16, 0, 16, 1, 0),
+        # top_k grows from 80 keys on: 8 to 14 single keys, 8 or 12 in blocks of 4
+        (8, 8, 0, 1, 0, 1),
+        (8, 8, 0, 4, 0, 1),
+        (8, 8, 0, 4, 1, 1),
     ],
 )
 def test_mask_matches_numpy_reference(
-    tiny_model: Path, top_k: int, window: int, stride: int, block_size: int, summaries: int
+    tiny_model: Path,
+    top_k: int,
+    window: int,
+    stride: int,
+    block_size: int,
+    summaries: int,
+    grow: int,
 ) -> None:
     captured: dict[str, np.ndarray] = {}
     wanted = {"Qcur-0", "Kcur-0", "sparsek_mask-0", "Qcur-1", "Kcur-1", "sparsek_mask-1"}
@@ -198,6 +208,7 @@ def test_mask_matches_numpy_reference(
         block_size=block_size,
         dense_layers=0,
         summaries=summaries,
+        grow_top_k=grow,
     )
     # one ubatch of 16 tokens or more: BF16 scores on a CPU with AMX (patch 0037)
     info = _system_info()
@@ -229,20 +240,27 @@ def test_mask_matches_numpy_reference(
             rounding,
             block_size,
             bool(summaries),
+            bool(grow),
         )
         scores = ref.block_scores(q, k, block_size, rounding, bool(summaries))
         forced = ref.sparsek_forced(base, positions[:n], positions, window, stride)
         cand = ref.candidate_blocks(base, forced, block_size)
-        n_top = top_k // block_size
+        allowed = np.arange(1, n + 1)
+        budget = np.array(
+            [ref.top_k_at(int(a), top_k, window, block_size, grow > 0) for a in allowed]
+        )
+        # with grow the rows of one ubatch keep more or fewer keys
+        assert (len(set(budget)) > 1) == bool(grow)
+        n_top = budget // block_size
         bad = ref.compare_kept(mask, expected, scores, cand, n_top, block_size, tol=1e-2)
         assert bad == [], f"layer {il}: {len(bad)} keys differ, first {bad[:5]}"
-        # a row that drops keys keeps at most the n_kv_max hint of the settings, any other all
+        # a row that drops keys keeps at most the n_kv_max hint of its own top_k, any other all
         kept = np.isfinite(mask).sum(axis=1)
-        allowed = np.arange(1, n + 1)
         sparse = np.array([ref.uses_sparsek(int(a), top_k, window, stride) for a in allowed])
         assert sparse.any() and not sparse.all()  # the ubatch holds both kinds of rows
         np.testing.assert_array_equal(kept[~sparse], allowed[~sparse])
-        assert kept[sparse].max() <= ref.n_kv_max(N_KV_PAD, top_k, window, stride)
+        hint = [ref.n_kv_max(N_KV_PAD, int(b), window, stride) for b in budget]
+        assert (kept[sparse] <= np.array(hint)[sparse]).all()
         assert (kept >= 1).all()  # every query keeps at least one key
 
 
@@ -265,12 +283,15 @@ def test_small_k_changes_output_deterministically(smollm2_path: Path) -> None:
     assert np.abs(runs[0] - want).max() > 1e-2
 
 
-@pytest.mark.parametrize("summaries", [0, 1])
-def test_gguf_set_file_is_picked_up(smollm2_path: Path, tmp_path: Path, summaries: int) -> None:
-    """Settings injected into the file act exactly like the same kv_overrides."""
+@pytest.mark.parametrize(("summaries", "grow"), [(0, 0), (1, 0), (0, 1)])
+def test_gguf_set_file_is_picked_up(
+    smollm2_path: Path, tmp_path: Path, summaries: int, grow: int
+) -> None:
+    """Settings injected into the file act exactly like the same kv_overrides (with grow, top_k
+    grows from 32 to 40 keys in the last of the prompt's tokens)."""
     edited = tmp_path / "smollm2-sparsek.gguf"
     values = {"top_k": 32, "window": 16, "stride": 0, "block_size": 8, "dense_layers": 1}
-    values["summaries"] = summaries
+    values |= {"summaries": summaries, "grow_top_k": grow}
     gguf.set_sparsek(smollm2_path, **values, enable=True, out=edited)
     text = "The quick brown fox jumps over the lazy dog. " * 40
     settings = SparseK(**values)
@@ -330,6 +351,16 @@ def test_gguf_set_file_is_picked_up(smollm2_path: Path, tmp_path: Path, summarie
                 "llama.sparsek.summaries": 1,
             },
             "summaries",
+        ),
+        (
+            {
+                "llama.sparsek.enable": True,
+                "llama.sparsek.top_k": 32,
+                "llama.sparsek.window": 8,
+                "llama.sparsek.block_size": 8,
+                "llama.sparsek.grow_top_k": 2,
+            },
+            "grow_top_k 2",
         ),
     ],
 )
@@ -440,10 +471,12 @@ def test_settings_in_effect(tiny_model: Path, edited_tiny: Path) -> None:
     """Llama.sparsek reports what llama.cpp resolved: the file's keys unless the context
     parameters say otherwise; SparseK() and llama.cpp's defaults are one setting."""
     other = SparseK(top_k=32, window=16, stride=64, block_size=1)
+    grown = SparseK(top_k=32, window=16, block_size=8, grow_top_k=1)
     cases = [
         (tiny_model, None, None),
         (tiny_model, True, SparseK()),
         (tiny_model, other, other),
+        (tiny_model, grown, grown),
         (edited_tiny, None, SMALL),
         (edited_tiny, True, SMALL),
         (edited_tiny, False, None),

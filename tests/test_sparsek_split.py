@@ -11,6 +11,9 @@ fewer keys than SparseK's threshold keeps them all, in a ubatch where the others
 (Before patch 0033 the whole ubatch's view decided: a prefix that ended below the threshold put
 the next tokens that were still below it in a sparse ubatch.)
 
+A top_k that grows with the keys a query sees (``SparseK.grow_top_k``) grows with the query's own
+keys, not with its ubatch's: the rows of one ubatch keep different numbers of blocks.
+
 With block summaries (``SparseK.summaries``) the keys a query keeps depend only on the summaries
 of the blocks, which the KV cache rewrites with the keys they summarize: after a prefix in another
 ubatch and after a state file that holds no summaries (they are rebuilt from the keys) alike.
@@ -40,6 +43,8 @@ SETTINGS = [
     SparseK(top_k=256, window=64, block_size=8),
     SparseK(top_k=256, window=64, stride=128, block_size=16, sinks=4),
     SparseK(top_k=256, window=64, block_size=8, summaries=1),
+    # the same threshold; top_k grows to 136 keys from 1,806 keys on, within the last ubatch
+    SparseK(top_k=128, window=192, block_size=8, grow_top_k=1),
 ]
 N_PROMPT = 2000
 # tokens in the last ubatch; after a prefix of 1,400 tokens, the next ubatch holds tokens that keep
@@ -63,7 +68,8 @@ def _code_text(n_def: int = 120, n_use: int = 200) -> str:
 
 
 def _setting_id(s: SparseK) -> str:
-    return f"k{s.top_k}-w{s.window}-s{s.stride}-b{s.block_size}" + ("-summaries" * s.summaries)
+    flags = "-summaries" * s.summaries + "-grow" * s.grow_top_k
+    return f"k{s.top_k}-w{s.window}-s{s.stride}-b{s.block_size}{flags}"
 
 
 def _last_logits(llm: Llama, chunks: Sequence[Sequence[int]]) -> np.ndarray:
@@ -155,7 +161,7 @@ def test_tokens_decoded_one_at_a_time_stay_within_dense_noise(
 def test_summaries_are_rebuilt_after_a_state_load(smollm2_path: Path, tmp_path: Path) -> None:
     # a state file holds the keys, not their summaries: a fresh context that loads it rebuilds
     # them all, and the suffix then keeps the keys it keeps after the whole prompt
-    settings = SETTINGS[-1]
+    settings = next(s for s in SETTINGS if s.summaries)
     with Llama(smollm2_path, sparsek=settings, **OPTS) as llm:  # type: ignore[arg-type]
         tokens = llm.tokenize(_code_text())[:N_PROMPT]
         whole = _last_logits(llm, [tokens])
