@@ -159,8 +159,8 @@ def set_(
     with _errors():
         info = read_metadata(file)
         updates: dict[str, Update] = {}
-        counts = (top_k, window, stride, block_size, sinks, dense_layers, summaries, grow_top_k)
-        if enable is not None or any(v is not None for v in counts):
+        settings = (top_k, window, stride, block_size, sinks, dense_layers, summaries, grow_top_k)
+        if enable is not None or any(v is not None for v in settings):
             updates = sparsek_updates(
                 info,
                 top_k=top_k,
