@@ -27,7 +27,7 @@ except ImportError as e:  # a source checkout without a build
 log = logging.getLogger("llama_sparsek.llama_cpp")
 
 # The patch series this Python code was written for (patch 0001 defines the function).
-EXPECTED_SPARSEK_VERSION = "sparsek-6"
+EXPECTED_SPARSEK_VERSION = "sparsek-7"
 
 _LEVELS = {
     lib.GGML_LOG_LEVEL_DEBUG: logging.DEBUG,

@@ -90,6 +90,7 @@ struct llama_context_params {
     int32_t sparsek_dense_layers;
     int32_t sparsek_summaries;
     int32_t sparsek_grow_top_k;
+    int32_t sparsek_per_group;
     ...;
 };
 
@@ -103,6 +104,7 @@ struct llama_sparsek_params {
     int32_t dense_layers;
     int32_t summaries;
     int32_t grow_top_k;
+    int32_t per_group;
     ...;
 };
 

@@ -26,9 +26,10 @@ DEFAULT_OUT = Path("eval-results")
 
 
 def parse_grid(text: str) -> tuple[SparseK, ...]:
-    """`top_k:window[:block_size[:summaries][:grow]]` items (block size 1 if omitted;
+    """`top_k:window[:block_size[:summaries][:grow][:group]]` items (block size 1 if omitted;
     `summaries` scores the blocks from their summaries, `grow` lets top_k grow with the keys a
-    query sees: a switch an item does not name is off) separated by commas, e.g.
+    query sees, `group` selects per K head: a switch an item does not name is off) separated by
+    commas, e.g.
     `256:128,128:64:16,1536:256:8:summaries:grow`."""
     items = [item.strip() for item in text.split(",")]
     if not text.strip() or not all(items):

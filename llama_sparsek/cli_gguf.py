@@ -134,6 +134,14 @@ def set_(
             "SparseK starts; 0: fixed.",
         ),
     ] = None,
+    per_group: Annotated[
+        int | None,
+        typer.Option(
+            "--per-group",
+            help="1: each group of query heads that shares a K head selects its own keys; "
+            "0: one selection for all heads.",
+        ),
+    ] = None,
     enable: Annotated[
         bool | None,
         typer.Option(
@@ -159,7 +167,17 @@ def set_(
     with _errors():
         info = read_metadata(file)
         updates: dict[str, Update] = {}
-        settings = (top_k, window, stride, block_size, sinks, dense_layers, summaries, grow_top_k)
+        settings = (
+            top_k,
+            window,
+            stride,
+            block_size,
+            sinks,
+            dense_layers,
+            summaries,
+            grow_top_k,
+            per_group,
+        )
         if enable is not None or any(v is not None for v in settings):
             updates = sparsek_updates(
                 info,
@@ -171,6 +189,7 @@ def set_(
                 dense_layers=dense_layers,
                 summaries=summaries,
                 grow_top_k=grow_top_k,
+                per_group=per_group,
                 enable=enable,
             )
         for spec in kv or ():

@@ -46,7 +46,7 @@ class EvalError(RuntimeError):
 
 def label(setting: SparseK | None) -> str:
     """`dense`, or the setting as
-    `k<top_k>/w<window>/b<block_size>[/s<stride>][/summaries][/grow]`."""
+    `k<top_k>/w<window>/b<block_size>[/s<stride>][/summaries][/grow][/group]`."""
     if setting is None:
         return DENSE
     stride = "" if setting.stride == 0 else f"/s{setting.stride}"
@@ -261,8 +261,8 @@ class Report:
 
 
 def _variant_from_json(v: dict[str, Any]) -> VariantResult:
-    # reports older than the sinks, dense layers, summaries and growth ran without them
-    older = {"sinks": 0, "dense_layers": 0, "summaries": 0, "grow_top_k": 0}
+    # reports older than the sinks, dense layers, summaries, growth and groups ran without them
+    older = {"sinks": 0, "dense_layers": 0, "summaries": 0, "grow_top_k": 0, "per_group": 0}
     setting = v["setting"]
     return VariantResult(
         v["label"],
@@ -389,6 +389,7 @@ def parse_bench(output: str, setting: SparseK | None = None) -> list[Speed]:
                 r.get("sparsek_dense_layers", 0),
                 r.get("sparsek_summaries", 0),
                 r.get("sparsek_grow_top_k", 0),
+                r.get("sparsek_per_group", 0),
             )
             if r["sparsek"]
             else None

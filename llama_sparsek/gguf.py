@@ -45,6 +45,7 @@ from llama_sparsek.sparsek import (
     KEY_DENSE_LAYERS,
     KEY_ENABLE,
     KEY_GROW_TOP_K,
+    KEY_PER_GROUP,
     KEY_SINKS,
     KEY_STRIDE,
     KEY_SUFFIXES,
@@ -644,6 +645,7 @@ def set_sparsek(
     dense_layers: int | None = None,
     summaries: int | None = None,
     grow_top_k: int | None = None,
+    per_group: int | None = None,
     enable: bool | None = None,
     out: str | os.PathLike[str] | None = None,
     in_place: bool = False,
@@ -661,6 +663,7 @@ def set_sparsek(
         dense_layers=dense_layers,
         summaries=summaries,
         grow_top_k=grow_top_k,
+        per_group=per_group,
         enable=enable,
     )
     return edit_metadata(info, updates, out=out, in_place=in_place, dry_run=dry_run)
@@ -692,6 +695,7 @@ def sparsek_updates(
     dense_layers: int | None = None,
     summaries: int | None = None,
     grow_top_k: int | None = None,
+    per_group: int | None = None,
     enable: bool | None = None,
 ) -> dict[str, Update]:
     """The updates that write the given SparseK settings under the file's architecture.
@@ -709,6 +713,7 @@ def sparsek_updates(
         KEY_DENSE_LAYERS: dense_layers,
         KEY_SUMMARIES: summaries,
         KEY_GROW_TOP_K: grow_top_k,
+        KEY_PER_GROUP: per_group,
     }
     if enable is True and all(v is None for v in settings.values()):
         settings = dict(recommended(arch).values())
@@ -721,7 +726,7 @@ def sparsek_updates(
     if not updates:
         raise GGUFError(
             "nothing to set: give top_k, window, stride, block_size, sinks, dense_layers, "
-            "summaries, grow_top_k or enable"
+            "summaries, grow_top_k, per_group or enable"
         )
     return updates
 

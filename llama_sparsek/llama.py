@@ -271,6 +271,7 @@ class Llama:
             cparams.sparsek_dense_layers = sparsek.dense_layers
             cparams.sparsek_summaries = sparsek.summaries
             cparams.sparsek_grow_top_k = sparsek.grow_top_k
+            cparams.sparsek_per_group = sparsek.per_group
         if self._cb_eval is not None:
             cparams.cb_eval = lib._llama_sparsek_eval
             cparams.cb_eval_user_data = self._cb_eval
@@ -293,6 +294,7 @@ class Llama:
                 resolved.dense_layers,
                 resolved.summaries,
                 resolved.grow_top_k,
+                resolved.per_group,
             )
             if resolved.enabled
             else None

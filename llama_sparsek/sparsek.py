@@ -15,6 +15,7 @@ KEY_SINKS = "sinks"
 KEY_DENSE_LAYERS = "dense_layers"
 KEY_SUMMARIES = "summaries"
 KEY_GROW_TOP_K = "grow_top_k"
+KEY_PER_GROUP = "per_group"
 KEY_SUFFIXES = (
     KEY_ENABLE,
     KEY_TOP_K,
@@ -25,6 +26,7 @@ KEY_SUFFIXES = (
     KEY_DENSE_LAYERS,
     KEY_SUMMARIES,
     KEY_GROW_TOP_K,
+    KEY_PER_GROUP,
 )
 # the largest value the patched llama.cpp accepts (INT32_MAX/4: sums of them stay in int32)
 MAX_VALUE = (2**31 - 1) // 4
@@ -87,6 +89,13 @@ class SparseK:
     (rounded down to whole blocks; `evaluation.top_k_at`), so that a longer context keeps more
     of its far keys at a cost that still grows slower than the keys. 0 keeps ``top_k`` at every
     length.
+
+    ``per_group`` 1 lets each group of query heads that shares a K head select its own keys, by
+    the scores of its own heads (a mask per K head, which flash attention broadcasts over the
+    heads of the group); 0 selects one set of keys for all heads by their summed scores. It
+    applies with one KV stream and no ALiBi or attention sinks (elsewhere the selection stays
+    shared), not with ``summaries``; measured slower and no better (README, "Selection per K
+    head"), so it is off.
     """
 
     top_k: int = 1536
@@ -97,6 +106,7 @@ class SparseK:
     dense_layers: int = 1
     summaries: int = 0
     grow_top_k: int = 1
+    per_group: int = 0
 
     def __post_init__(self) -> None:
         for name, value in self.values().items():
@@ -104,13 +114,15 @@ class SparseK:
         validate_block_size(self.top_k, self.window, self.block_size)
         if self.summaries and self.block_size == 1:
             raise ValueError("SparseK summaries summarize blocks: they need block_size > 1")
+        if self.summaries and self.per_group:
+            raise ValueError("SparseK summaries are scored for all heads at once: not per_group")
 
     def values(self) -> dict[str, int]:
         """The settings by key suffix (`top_k`, ...): the field names are the suffixes."""
         return asdict(self)
 
     def grid_item(self) -> str:
-        """`top_k:window:block_size[:summaries][:grow]`, an item of the grids of `eval` and
+        """`top_k:window:block_size[:summaries][:grow][:group]`, an item of the grids of `eval` and
         `eval-tasks` (the switches that are on by name; the other settings take their defaults
         there)."""
         flags = [name for name, on in GRID_FLAGS.items() if getattr(self, on)]
@@ -125,8 +137,8 @@ class SparseK:
 
 
 # the switches a grid item turns on by name after top_k:window:block_size (`1536:256:8:grow`)
-GRID_FLAGS = {"summaries": KEY_SUMMARIES, "grow": KEY_GROW_TOP_K}
-GRID_ITEM = "top_k:window[:block[:summaries][:grow]]"
+GRID_FLAGS = {"summaries": KEY_SUMMARIES, "grow": KEY_GROW_TOP_K, "group": KEY_PER_GROUP}
+GRID_ITEM = "top_k:window[:block[:summaries][:grow][:group]]"
 
 # the smallest value each setting accepts
 _MIN_VALUE = {
@@ -138,9 +150,10 @@ _MIN_VALUE = {
     KEY_DENSE_LAYERS: 0,
     KEY_SUMMARIES: 0,
     KEY_GROW_TOP_K: 0,
+    KEY_PER_GROUP: 0,
 }
 # the largest value of the settings that are switches rather than counts
-_MAX_SWITCH = {KEY_SUMMARIES: 1, KEY_GROW_TOP_K: 1}
+_MAX_SWITCH = {KEY_SUMMARIES: 1, KEY_GROW_TOP_K: 1, KEY_PER_GROUP: 1}
 
 
 def validate_value(name: str, value: object) -> None:
@@ -212,6 +225,7 @@ def from_options(
     dense_layers: int | None = None,
     summaries: int | None = None,
     grow_top_k: int | None = None,
+    per_group: int | None = None,
 ) -> SparseK | None:
     """The settings command-line options ask for: the recommended ones with the given values on
     top, or None when SparseK is off (ValueError for values without SparseK, or out of range)."""
@@ -224,6 +238,7 @@ def from_options(
         "dense_layers": dense_layers,
         "summaries": summaries,
         "grow_top_k": grow_top_k,
+        "per_group": per_group,
     }
     chosen = {k: v for k, v in given.items() if v is not None}
     if not enabled:

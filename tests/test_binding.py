@@ -270,6 +270,9 @@ def test_invalid_options_raise_before_loading(tiny_model: Path, kwargs: dict[str
         {"summaries": 1, "block_size": 1},
         {"grow_top_k": 2},
         {"grow_top_k": -1},
+        {"per_group": 2},
+        {"per_group": -1},
+        {"per_group": 1, "summaries": 1},
     ],
 )
 def test_invalid_sparsek_values(kwargs: dict[str, object]) -> None:

@@ -69,7 +69,7 @@ def test_info_shows_pin_and_patches() -> None:
     assert result.exit_code == 0, result.output
     assert "0c1e57098bba43ac29e6e3b677cdceebdd22334f" in result.output
     assert "llama_sparsek_version" in result.output  # the subject of patch 0001
-    assert "sparsek-6" in result.output
+    assert "sparsek-7" in result.output
 
 
 # Runs the CLI in a fresh interpreter, then prints the heavy modules it imported.

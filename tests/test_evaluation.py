@@ -73,12 +73,15 @@ def test_grid_item_round_trips_and_the_default_grids_start_with_the_default() ->
         SparseK(summaries=1),
         SparseK(grow_top_k=1),
         SparseK(summaries=1, grow_top_k=1),
+        SparseK(per_group=1),
     )
     for setting in settings:
         assert parse_grid(setting.grid_item()) == (setting,)
     assert label(SparseK(summaries=1, grow_top_k=0)) == "k1536/w256/b8/summaries"
     assert label(SparseK(summaries=1)) == "k1536/w256/b8/summaries/grow"
     assert parse_grid("1536:256:8:grow:summaries") == (SparseK(summaries=1, grow_top_k=1),)
+    assert label(SparseK(per_group=1)) == "k1536/w256/b8/grow/group"
+    assert parse_grid("1536:256:8:group") == (SparseK(grow_top_k=0, per_group=1),)
     assert parse_grid(DEFAULT_GRID)[0] == SparseK()
     default_tasks_grid = inspect.signature(eval_tasks_command).parameters["grid"].default
     assert parse_grid(default_tasks_grid) == (SparseK(),)
@@ -103,6 +106,7 @@ def test_parse_grid_reads_top_k_window_and_optional_block() -> None:
         "qwen2.sparsek.dense_layers": 1,  # the defaults, which a grid entry does not name
         "qwen2.sparsek.summaries": 0,
         "qwen2.sparsek.grow_top_k": 0,
+        "qwen2.sparsek.per_group": 0,
     }
 
 
@@ -452,6 +456,8 @@ def test_sparsek_flags_force_dense_or_the_setting() -> None:
         "0",
         "--sparsek-grow-top-k",
         "1",
+        "--sparsek-per-group",
+        "0",
     ]
 
 

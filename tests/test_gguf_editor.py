@@ -46,6 +46,7 @@ SPARSEK_KEYS = [
         "dense_layers",
         "summaries",
         "grow_top_k",
+        "per_group",
     )
 ]
 
@@ -212,6 +213,7 @@ def test_round_trip_set_show_unset(tmp_path: Path, alignment: int | None) -> Non
         "llama.sparsek.dense_layers": (GGUFType.UINT32, rec.dense_layers),
         "llama.sparsek.summaries": (GGUFType.UINT32, rec.summaries),
         "llama.sparsek.grow_top_k": (GGUFType.UINT32, rec.grow_top_k),
+        "llama.sparsek.per_group": (GGUFType.UINT32, rec.per_group),
     }
     assert new_meta == meta
 
@@ -227,6 +229,7 @@ def test_round_trip_set_show_unset(tmp_path: Path, alignment: int | None) -> Non
         "llama.sparsek.dense_layers": rec.dense_layers,
         "llama.sparsek.summaries": rec.summaries,
         "llama.sparsek.grow_top_k": rec.grow_top_k,
+        "llama.sparsek.per_group": rec.per_group,
     }
     text = cli("show", with_keys).output
     assert "* llama.sparsek.top_k" in text and f"top_k={rec.top_k}" in text

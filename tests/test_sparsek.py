@@ -79,11 +79,14 @@ def assert_close_to_dense(
 EVERY_KEY = [
     SparseK(top_k=31, window=0, block_size=1, dense_layers=0),  # and its first key
     SparseK(top_k=24, window=8, block_size=8, dense_layers=0),
+    # a mask per K head: attention sees each K head with its group of query heads as a stream
+    SparseK(top_k=24, window=8, block_size=8, dense_layers=0, per_group=1),
 ]
+EVERY_KEY_IDS = ["keys", "blocks", "per-group"]
 N_EVERY_KEY = 160
 
 
-@pytest.mark.parametrize("settings", EVERY_KEY, ids=["keys", "blocks"])
+@pytest.mark.parametrize("settings", EVERY_KEY, ids=EVERY_KEY_IDS)
 @pytest.mark.parametrize("flash_attn", [True, False])
 @pytest.mark.parametrize("cache", ["f16", "q8_0"])
 def test_keeping_every_allowed_key_equals_dense(
@@ -113,7 +116,7 @@ def test_keeping_every_allowed_key_equals_dense(
     assert np.abs(got[n:] - want[n:]).max() > 1e-3  # and the later tokens dropped keys
 
 
-@pytest.mark.parametrize("settings", EVERY_KEY, ids=["keys", "blocks"])
+@pytest.mark.parametrize("settings", EVERY_KEY, ids=EVERY_KEY_IDS)
 @pytest.mark.parametrize("flash_attn", [True, False])
 def test_smollm2_large_k_equals_dense(
     smollm2_path: Path, flash_attn: bool, settings: SparseK
@@ -164,21 +167,25 @@ def test_default_leaves_short_contexts_dense(smollm2_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("top_k", "window", "stride", "block_size", "summaries", "grow"),
+    ("top_k", "window", "stride", "block_size", "summaries", "grow", "per_group"),
     [
-        (16, 8, 0, 1, 0, 0),
-        (8, 4, 32, 1, 0, 0),
-        (1, 0, 0, 1, 0, 0),
-        (32, 16, 0, 16, 0, 0),
-        (16, 16, 0, 16, 0, 0),
-        (32, 8, 0, 8, 0, 0),
-        (32, 8, 64, 8, 0, 0),
-        (32, 8, 0, 8, 1, 0),
-        (32, 16, 0, 16, 1, 0),
+        (16, 8, 0, 1, 0, 0, 0),
+        (8, 4, 32, 1, 0, 0, 0),
+        (1, 0, 0, 1, 0, 0, 0),
+        (32, 16, 0, 16, 0, 0, 0),
+        (16, 16, 0, 16, 0, 0, 0),
+        (32, 8, 0, 8, 0, 0, 0),
+        (32, 8, 64, 8, 0, 0, 0),
+        (32, 8, 0, 8, 1, 0, 0),
+        (32, 16, 0, 16, 1, 0, 0),
         # top_k grows from 80 keys on: 8 to 14 single keys, 8 or 12 in blocks of 4
-        (8, 8, 0, 1, 0, 1),
-        (8, 8, 0, 4, 0, 1),
-        (8, 8, 0, 4, 1, 1),
+        (8, 8, 0, 1, 0, 1, 0),
+        (8, 8, 0, 4, 0, 1, 0),
+        (8, 8, 0, 4, 1, 1, 0),
+        # a mask per K head, each from the queries of its group only
+        (16, 8, 0, 1, 0, 0, 1),
+        (32, 8, 0, 8, 0, 0, 1),
+        (8, 8, 0, 4, 0, 1, 1),
     ],
 )
 def test_mask_matches_numpy_reference(
@@ -189,6 +196,7 @@ def test_mask_matches_numpy_reference(
     block_size: int,
     summaries: int,
     grow: int,
+    per_group: int,
 ) -> None:
     captured: dict[str, np.ndarray] = {}
     wanted = {"Qcur-0", "Kcur-0", "sparsek_mask-0", "Qcur-1", "Kcur-1", "sparsek_mask-1"}
@@ -209,6 +217,7 @@ def test_mask_matches_numpy_reference(
         dense_layers=0,
         summaries=summaries,
         grow_top_k=grow,
+        per_group=per_group,
     )
     # one ubatch of 16 tokens or more: BF16 scores on a CPU with AMX (patch 0037)
     info = _system_info()
@@ -226,42 +235,75 @@ def test_mask_matches_numpy_reference(
         k_new = captured[f"Kcur-{il}"].reshape(n, -1, captured[f"Kcur-{il}"].shape[-1])
         k = np.zeros((N_KV_PAD, *k_new.shape[1:]), dtype=np.float32)
         k[:n] = k_new
-        mask = captured[f"sparsek_mask-{il}"].reshape(-1, N_KV_PAD)[:n]
-        assert mask.shape == (n, N_KV_PAD)
-        expected = ref.sparsek_mask(
-            q,
-            k,
-            base,
-            positions[:n],
-            positions,
-            top_k,
-            window,
-            stride,
-            rounding,
-            block_size,
-            bool(summaries),
-            bool(grow),
-        )
-        scores = ref.block_scores(q, k, block_size, rounding, bool(summaries))
-        forced = ref.sparsek_forced(base, positions[:n], positions, window, stride)
-        cand = ref.candidate_blocks(base, forced, block_size)
-        allowed = np.arange(1, n + 1)
-        budget = np.array(
-            [ref.top_k_at(int(a), top_k, window, block_size, grow > 0) for a in allowed]
-        )
-        # with grow the rows of one ubatch keep more or fewer keys
-        assert (len(set(budget)) > 1) == bool(grow)
-        n_top = budget // block_size
-        bad = ref.compare_kept(mask, expected, scores, cand, n_top, block_size, tol=1e-2)
-        assert bad == [], f"layer {il}: {len(bad)} keys differ, first {bad[:5]}"
-        # a row that drops keys keeps at most the n_kv_max hint of its own top_k, any other all
-        kept = np.isfinite(mask).sum(axis=1)
-        sparse = np.array([ref.uses_sparsek(int(a), top_k, window, stride) for a in allowed])
-        assert sparse.any() and not sparse.all()  # the ubatch holds both kinds of rows
-        np.testing.assert_array_equal(kept[~sparse], allowed[~sparse])
-        hint = [ref.n_kv_max(N_KV_PAD, int(b), window, stride) for b in budget]
-        assert (kept[sparse] <= np.array(hint)[sparse]).all()
-        assert (kept >= 1).all()  # every query keeps at least one key
+        # one mask for all heads, or per K head one from the queries of its group (the reference
+        # with that K head alone)
+        n_head_kv = k.shape[1]
+        n_group = q.shape[1] // n_head_kv
+        n_masks = n_head_kv if per_group else 1
+        masks = captured[f"sparsek_mask-{il}"].reshape(n_masks, -1, N_KV_PAD)
+        assert masks.shape[1] >= n
+        for g in range(n_masks):
+            heads = slice(g * n_group, (g + 1) * n_group) if per_group else slice(None)
+            k_heads = slice(g, g + 1) if per_group else slice(None)
+            _check_mask(
+                masks[g, :n],
+                q[:, heads],
+                k[:, k_heads],
+                base,
+                settings,
+                rounding,
+                f"layer {il}, mask {g}",
+            )
+
+
+def _check_mask(
+    mask: np.ndarray,
+    q: np.ndarray,
+    k: np.ndarray,
+    base: np.ndarray,
+    s: SparseK,
+    rounding: ref.Rounding,
+    where: str,
+) -> None:
+    """One captured mask of a prompt that fills the first cells of the view against the numpy
+    reference for the queries q and keys k that score it."""
+    n = mask.shape[0]
+    positions = np.arange(mask.shape[1])
+    grow = bool(s.grow_top_k)
+    expected = ref.sparsek_mask(
+        q,
+        k,
+        base,
+        positions[:n],
+        positions,
+        s.top_k,
+        s.window,
+        s.stride,
+        rounding,
+        s.block_size,
+        bool(s.summaries),
+        grow,
+    )
+    scores = ref.block_scores(q, k, s.block_size, rounding, bool(s.summaries))
+    forced = ref.sparsek_forced(base, positions[:n], positions, s.window, s.stride)
+    cand = ref.candidate_blocks(base, forced, s.block_size)
+    allowed = np.arange(1, n + 1)
+    budget = np.array(
+        [ref.top_k_at(int(a), s.top_k, s.window, s.block_size, grow) for a in allowed]
+    )
+    # with grow the rows of one ubatch keep more or fewer keys
+    assert (len(set(budget)) > 1) == grow
+    n_top = budget // s.block_size
+    bad = ref.compare_kept(mask, expected, scores, cand, n_top, s.block_size, tol=1e-2)
+    assert bad == [], f"{where}: {len(bad)} keys differ, first {bad[:5]}"
+    # a row that drops keys keeps at most the n_kv_max hint of its own top_k, any other all
+    kept = np.isfinite(mask).sum(axis=1)
+    sparse = np.array([ref.uses_sparsek(int(a), s.top_k, s.window, s.stride) for a in allowed])
+    assert sparse.any() and not sparse.all()  # the ubatch holds both kinds of rows
+    np.testing.assert_array_equal(kept[~sparse], allowed[~sparse])
+    hint = [ref.n_kv_max(mask.shape[1], int(b), s.window, s.stride) for b in budget]
+    assert (kept[sparse] <= np.array(hint)[sparse]).all()
+    assert (kept >= 1).all()  # every query keeps at least one key
 
 
 # ---------------------------------------------------------------- behaviour on the real model
@@ -362,6 +404,27 @@ def test_gguf_set_file_is_picked_up(
             },
             "grow_top_k 2",
         ),
+        (
+            {
+                "llama.sparsek.enable": True,
+                "llama.sparsek.top_k": 32,
+                "llama.sparsek.window": 8,
+                "llama.sparsek.block_size": 8,
+                "llama.sparsek.per_group": 2,
+            },
+            "per_group 2",
+        ),
+        (
+            {
+                "llama.sparsek.enable": True,
+                "llama.sparsek.top_k": 32,
+                "llama.sparsek.window": 8,
+                "llama.sparsek.block_size": 8,
+                "llama.sparsek.summaries": 1,
+                "llama.sparsek.per_group": 1,
+            },
+            "per_group with summaries",
+        ),
     ],
 )
 def test_invalid_model_values_fail_the_context(
@@ -393,6 +456,8 @@ def _unchecked(**values: int) -> SparseK:
         ({"block_size": 0}, "block_size 0"),
         ({"summaries": 3}, "summaries 3"),
         ({"summaries": 1, "block_size": 1}, "summaries"),
+        ({"per_group": 2}, "per_group 2"),
+        ({"summaries": 1, "per_group": 1}, "per_group with summaries"),
     ],
 )
 def test_invalid_context_params_fail_the_context(

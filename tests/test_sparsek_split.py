@@ -45,6 +45,8 @@ SETTINGS = [
     SparseK(top_k=256, window=64, block_size=8, summaries=1),
     # the same threshold; top_k grows to 136 keys from 1,806 keys on, within the last ubatch
     SparseK(top_k=128, window=192, block_size=8, grow_top_k=1),
+    # a mask per K head (SmolLM2: 3 of them)
+    SparseK(top_k=256, window=64, block_size=8, per_group=1),
 ]
 N_PROMPT = 2000
 # tokens in the last ubatch; after a prefix of 1,400 tokens, the next ubatch holds tokens that keep
@@ -68,7 +70,7 @@ def _code_text(n_def: int = 120, n_use: int = 200) -> str:
 
 
 def _setting_id(s: SparseK) -> str:
-    flags = "-summaries" * s.summaries + "-grow" * s.grow_top_k
+    flags = "-summaries" * s.summaries + "-grow" * s.grow_top_k + "-group" * s.per_group
     return f"k{s.top_k}-w{s.window}-s{s.stride}-b{s.block_size}{flags}"
 
 
